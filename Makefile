@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine:  make demo  and  make test.
+# Both create .venv if absent and install what they need.
+#
+# Reusing a CUDA torch that is already installed system-wide:
+#     make test VENV_FLAGS=--system-site-packages
+# (the venv then sees the system torch, and torch==2.13.0 is only installed when
+# `import torch` fails inside the venv).
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_PIN ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.cdm-installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: all setup demo test lint bench clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	$(PIP) install -q --upgrade "setuptools>=64" wheel
+	@$(PY) -c "import torch" 2>/dev/null && echo "reusing torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cdm-train demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_step.py --device cpu --preset tiny
+
+clean:
+	rm -rf build *.egg-info cdm_kernels/_C*.so

@@ -1,0 +1,35 @@
+"""Test set-up shared by every test module.
+
+Without CUDA, Triton kernels run through the interpreter on CPU tensors: the env var
+must be set before triton decorates any kernel, i.e. before cdm_kernels.ops imports.
+"""
+
+import os
+import tempfile
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh inductor cache per session: stale compiled artefacts must never mask a bug.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cdm-inductor-"))
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    import cdm_kernels
+
+    previous = cdm_kernels.get_backend()
+    yield
+    cdm_kernels.set_backend(previous)
