@@ -1,0 +1,285 @@
+"""Training configuration: dataclasses with the official SD3 recipe as defaults.
+
+A config is built from (1) the defaults below, (2) a preset (`presets.py`), (3) an
+optional YAML file and (4) `--set section.key=value` overrides, in that order. Unknown
+keys and bad values raise ConfigError naming the key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | digits | sd3-medium | sd3-medium-shape
+    path: str | None = None  # sd3-medium: local diffusers directory (holding transformer/)
+    prompt_embeds: str | None = None  # sd3-medium: file of precomputed text embeddings
+    teacher_path: str | None = None  # digits: teacher checkpoint (None: the one shipped in the package)
+    layers: int | None = None  # sd3-medium-shape: transformer depth (None: full 24)
+    resolution: int = 1024  # sd3-medium-shape: image side in pixels (latent = resolution / 8)
+    teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: int = 28  # Nmax: N ~ U{1..Nmax} rollout steps per iteration
+    inner_sigma_min: float = 0.25  # inner sigmas ~ U(inner_sigma_min, inner_sigma_max)
+    inner_sigma_max: float = 0.95
+    fixed: list[float] | None = None  # a fixed schedule instead (e.g. [1.0, 0.75, 0.5, 0.25]); 0 is appended
+    sigma_clamp_min: float = 0.02  # every sampled training sigma is clamped to [min, max]
+    sigma_clamp_max: float = 0.98
+
+
+@dataclass
+class LossConfig:
+    guidance_scale: float = 7.0  # alpha of the CFG-augmentation target
+    norm_clip_min: float = 0.1  # per-sample normaliser floor
+    ca_weight: float = 1.0
+    dm_weight: float = 1.0
+    cdm_weight: float = 1.0  # the off-trajectory (continuous-time) DM loss; 0 disables it
+
+
+@dataclass
+class OptimConfig:
+    student_lr: float = 1e-5
+    fake_lr: float = 5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # student EMA
+    fake_merge_decay: float = 0.999  # fake <- decay * fake + (1 - decay) * student, every fake step
+    update_ratio: int = 2  # fake-teacher steps per student step
+
+
+@dataclass
+class SpeedConfig:
+    """Accelerations. Each one is exact (same losses and gradients) or measured; see README."""
+
+    backend: str = "auto"  # cdm_kernels backend: auto | reference | triton | cpp
+    shared_student_forward: bool = True  # (a) one student forward serves CA and DM
+    early_exit_rollout: bool = True  # (b) samples leave the rollout after step i+1
+    batched_teacher_calls: bool = True  # (c) real-teacher cond/uncond/DM/CDM calls in one batch
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # iterations (each: rollout + fake step; every update_ratio-th: student step)
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/cdm"
+    log_every: int = 10
+    checkpoint_every: int = 100
+    max_nonfinite: int = 5  # this many non-finite steps in a row stop training
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    progress: bool = True
+    tensorboard: bool = True  # used when the tensorboard package is installed
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and overriding
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check (and gently convert) a value against a field's type annotation."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"list": list, "float": float, "int": int, "str": str, "bool": bool})
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _section(cfg: Config, name: str, key: str):
+    if name not in {f.name for f in dataclasses.fields(cfg)}:
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(f"{key}: unknown section {name!r} (sections: {sections})")
+    return getattr(cfg, name)
+
+
+def set_value(cfg: Config, dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted_key}: keys look like section.name (e.g. train.steps)")
+    section = _section(cfg, parts[0], dotted_key)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if parts[1] not in fields:
+        raise ConfigError(f"{dotted_key}: unknown key (keys of {parts[0]}: {', '.join(fields)})")
+    setattr(section, parts[1], _coerce(dotted_key, value, fields[parts[1]].type))
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section_name}: expected a mapping of keys, got {values!r}")
+        _section(cfg, section_name, str(section_name))
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value (e.g. train.steps=20)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    return data or {}
+
+
+def make_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides, then validated."""
+    from .presets import PRESETS
+
+    cfg = Config()
+    file_data = load_yaml(config_file) if config_file is not None else {}
+    if preset is None and isinstance(file_data, dict) and isinstance(file_data.get("model"), dict):
+        preset = file_data["model"].get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
+        apply_dict(cfg, PRESETS[preset], f"preset {preset}")
+        cfg.model.preset = preset
+    apply_dict(cfg, file_data, str(config_file))
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_dict(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    from .presets import PRESETS
+
+    m, s, lo, o, sp, t = cfg.model, cfg.schedule, cfg.loss, cfg.optim, cfg.speed, cfg.train
+    _require(m.preset in PRESETS, "model.preset", f"unknown preset {m.preset!r} (presets: {', '.join(PRESETS)})")
+    _require(m.teacher_dtype in ("auto", "float32", "bfloat16"), "model.teacher_dtype",
+             "must be auto, float32 or bfloat16")
+    _require(m.layers is None or m.layers >= 1, "model.layers", "must be >= 1")
+    _require(m.resolution >= 16 and m.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")
+    _require(s.max_steps >= 1, "schedule.max_steps", "must be >= 1")
+    _require(0.0 < s.inner_sigma_min <= s.inner_sigma_max < 1.0, "schedule.inner_sigma_min",
+             "need 0 < inner_sigma_min <= inner_sigma_max < 1")
+    if s.fixed is not None:
+        _require(len(s.fixed) >= 1 and s.fixed[0] == 1.0, "schedule.fixed", "must start at 1.0")
+        _require(all(a > b for a, b in zip(s.fixed, s.fixed[1:])) and s.fixed[-1] > 0.0, "schedule.fixed",
+                 "must be strictly decreasing and above 0 (0 is appended)")
+    _require(0.0 <= s.sigma_clamp_min < s.sigma_clamp_max <= 1.0, "schedule.sigma_clamp_min",
+             "need 0 <= sigma_clamp_min < sigma_clamp_max <= 1")
+    _require(lo.norm_clip_min > 0, "loss.norm_clip_min", "must be > 0")
+    for name in ("ca_weight", "dm_weight", "cdm_weight"):
+        _require(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0")
+    _require(o.student_lr > 0, "optim.student_lr", "must be > 0")
+    _require(o.fake_lr > 0, "optim.fake_lr", "must be > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.eps > 0, "optim.eps", "must be > 0")
+    _require(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
+    _require(0 <= o.fake_merge_decay <= 1, "optim.fake_merge_decay", "must be in [0, 1] (1 disables the merge)")
+    _require(o.update_ratio >= 1, "optim.update_ratio", "must be >= 1")
+    _require(sp.backend in ("auto", "reference", "triton", "cpp"), "speed.backend",
+             "must be auto, reference, triton or cpp")
+    _require(t.steps >= 0, "train.steps", "must be >= 0")
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+             "must be auto, cpu, cuda or cuda:N")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
+
+
+def reference_mode(cfg: Config) -> None:
+    """Switch every acceleration off (the baseline the fast mode is measured against)."""
+    cfg.speed.backend = "reference"
+    cfg.speed.shared_student_forward = False
+    cfg.speed.early_exit_rollout = False
+    cfg.speed.batched_teacher_calls = False
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

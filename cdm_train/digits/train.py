@@ -1,0 +1,86 @@
+"""Training the digits teacher: flow matching with label dropout (for CFG), AdamW, EMA.
+
+`cdm-train train-teacher` calls `train_teacher`. The checkpoint shipped in
+cdm_train/assets/digits_teacher.pt was produced with the defaults below (see docs/demo.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from cdm_kernels import flow_matching_loss, renoise
+
+from .data import NULL_CLASS, load_digits_split
+from .model import DigitsTransformer, build_digits_model, save_checkpoint
+
+TEACHER_STEPS = 4000
+TEACHER_BATCH = 128
+TEACHER_LR = 1e-3
+TEACHER_EMA = 0.999
+LABEL_DROPOUT = 0.1
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)
+
+
+def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS, seed: int = 0,
+                  progress: bool = True, batch_size: int = TEACHER_BATCH, lr: float = TEACHER_LR,
+                  ema_decay: float = TEACHER_EMA, label_dropout: float = LABEL_DROPOUT,
+                  device: str | torch.device = "cpu") -> DigitsTransformer:
+    """Train a digits teacher from scratch on the training split; returns the EMA model (eval mode).
+
+    The checkpoint (EMA weights, fp32) is written atomically to `out_path` (None: not written).
+    Deterministic in `seed` for a fixed torch build and thread count.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    split = load_digits_split()
+    images, labels = split.train_images.to(device), split.train_labels.to(device)
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    model = build_digits_model(seed).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = max(1, min(200, steps // 10))
+    # Linear warm-up, then cosine decay to 10% of lr.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps))))))
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="teacher", disable=not progress, dynamic_ncols=True)
+    running = None
+    for step in bar:
+        idx = torch.randint(n, (batch_size,), generator=gen).to(device)
+        x0, y = images[idx], labels[idx].clone()
+        drop = torch.rand(batch_size, generator=gen).to(device) < label_dropout
+        y[drop] = NULL_CLASS
+        sigma = torch.rand(batch_size, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        xt = renoise(x0, sigma, noise)
+        v = model(xt, sigma * 1000.0, y)
+        loss = flow_matching_loss(v, x0, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # EMA warm-up: early weights are not averaged in with the full decay.
+        _ema_update(ema, model, min(ema_decay, (1.0 + step) / (10.0 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}")
+    meta = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+            "label_dropout": label_dropout, "final_loss": running, "train_seconds": time.perf_counter() - start,
+            "torch": torch.__version__}
+    if out_path is not None:
+        save_checkpoint(ema, Path(out_path), meta)
+    return ema.float().eval()

@@ -1,0 +1,276 @@
+"""The CDM training loop: rollout -> fake-teacher step -> (every update_ratio) student step.
+
+Crash safety: checkpoints (student, fake teacher, EMA, both optimizers, RNG states,
+step, counters) are written atomically every `train.checkpoint_every` steps and at the
+end. The first Ctrl-C finishes the current iteration, writes a checkpoint and stops;
+a second Ctrl-C stops at once (losing at most the work since the last checkpoint).
+`resume` continues so that the resumed run produces the same losses as an
+uninterrupted one (per-step randomness is derived from (seed, rank, step)).
+
+Host syncs: the loss statistics stay on the device and are read once per log interval.
+The one deliberate sync per optimizer step is the non-finite check that decides
+whether to skip the step (the same sync torch.amp.GradScaler makes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cdm_kernels as ck
+
+from . import checkpoint as ckpt
+from .config import Config
+from .ema import EMA, lerp_params_
+from .presets import Models, build_models, resolve_device
+from .rng import capture_global_rng, restore_global_rng, step_random
+from .rollout import rollout, sample_schedule, sample_trajectory_indices
+from .steps import draw_sigmas, fake_teacher_loss, student_losses
+
+log = logging.getLogger("cdm_train")
+
+LOSS_KEYS = ("loss_fake", "loss_ca", "loss_dm", "loss_cdm", "loss_student")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `train.max_nonfinite` non-finite steps in a row."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, models: Models | None = None, *, rank: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        self.device = resolve_device(cfg.train.device)
+        self.models = models if models is not None else build_models(cfg, self.device)
+        o = cfg.optim
+        adamw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, foreach=True)
+        self.student_opt = torch.optim.AdamW(self.models.student.parameters(), lr=o.student_lr, **adamw)
+        self.fake_opt = torch.optim.AdamW(self.models.fake.parameters(), lr=o.fake_lr, **adamw)
+        self.ema = EMA(self.models.student, o.ema_decay)
+        self.step = 0
+        self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
+                         "student_updates": 0, "fake_updates": 0}
+        self.out_dir = Path(cfg.train.out_dir)
+        self._stop_requested = False
+        self.history: list[dict[str, Any]] = []  # logged records (also written to log.jsonl)
+
+    # ----------------------------------------------------------------------------------- helpers
+    def autocast(self):
+        p = self.cfg.train.precision
+        if p == "fp32" or (p == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _optimizer_step(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        params = [p for p in module.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
+        finite = torch.isfinite(loss) & torch.isfinite(total_norm)
+        if not bool(finite):  # the one host sync per optimizer step (see module docstring)
+            opt.zero_grad(set_to_none=True)
+            self.counters["nonfinite_total"] += 1
+            self.counters["nonfinite_in_a_row"] += 1
+            if self.counters["nonfinite_in_a_row"] >= self.cfg.train.max_nonfinite:
+                raise TrainingDiverged(
+                    f"{self.counters['nonfinite_in_a_row']} non-finite steps in a row at step {self.step} "
+                    f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); lower the learning rates or check "
+                    f"the data. The last checkpoint in {self.out_dir} is intact.")
+            return False
+        self.counters["nonfinite_in_a_row"] = 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True
+
+    # ----------------------------------------------------------------------------------- one iteration
+    def train_step(self) -> dict[str, Any]:
+        """One iteration. Returns device-side stats (no host sync) plus host-side counts."""
+        cfg, m = self.cfg, self.models
+        rnd = step_random(cfg.train.seed, self.rank, self.step, self.device)
+        sigmas = sample_schedule(cfg.schedule, rnd.host)
+        batch = cfg.train.batch_size
+        indices = sample_trajectory_indices(len(sigmas) - 1, batch, rnd.host)
+        cond = m.sample_cond(batch, rnd.host)
+        noise = torch.randn((batch, *m.latent_shape), generator=rnd.device, device=self.device)
+        stats: dict[str, Any] = {}
+        with ck.use_backend(cfg.speed.backend):
+            with self.autocast():
+                ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices,
+                             early_exit=cfg.speed.early_exit_rollout)
+            sg = draw_sigmas(cfg, rnd, ro.sigma_i)
+            with self.autocast():
+                loss_fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
+            loss_fake.backward()
+            if self._optimizer_step(m.fake, self.fake_opt, loss_fake):
+                self.counters["fake_updates"] += 1
+                lerp_params_(m.fake, m.student, cfg.optim.fake_merge_decay)
+            stats["loss_fake"] = loss_fake.detach()
+            nfe = ro.nfe + batch
+            if (self.step + 1) % cfg.optim.update_ratio == 0:
+                with self.autocast():
+                    sl = student_losses(cfg, m.student, m.teacher, m.fake, m.adapter, ro, cond, sg, rnd)
+                sl.total.backward()
+                if self._optimizer_step(m.student, self.student_opt, sl.total):
+                    self.counters["student_updates"] += 1
+                    self.ema.update(m.student)
+                stats.update(loss_ca=sl.ca.detach(), loss_dm=sl.dm.detach(), loss_cdm=sl.cdm.detach(),
+                             loss_student=sl.total.detach())
+                nfe += sl.student_nfe + sl.teacher_nfe + sl.fake_nfe
+        self.counters["nfe_rollout"] += ro.nfe
+        self.counters["nfe_total"] += nfe
+        stats["nfe_rollout"] = ro.nfe
+        stats["rollout_steps"] = ro.num_steps
+        return stats
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        m = self.models
+        return {
+            "step": self.step,
+            "student": m.student.state_dict(),
+            "fake": m.fake.state_dict(),
+            "ema": self.ema.state_dict(),
+            "student_opt": self.student_opt.state_dict(),
+            "fake_opt": self.fake_opt.state_dict(),
+            "rng": capture_global_rng(),
+            "counters": dict(self.counters),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        m = self.models
+        m.student.load_state_dict(state["student"])
+        m.fake.load_state_dict(state["fake"])
+        self.ema.load_state_dict(state["ema"])
+        self.student_opt.load_state_dict(state["student_opt"])
+        self.fake_opt.load_state_dict(state["fake_opt"])
+        restore_global_rng(state["rng"])
+        self.counters.update(state["counters"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_NAME)
+        log.info("checkpoint written: %s (step %d)", path, self.step)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> None:
+        state = ckpt.load(path if path is not None else self.out_dir, map_location=self.device)
+        self.load_state_dict(state)
+        log.info("resumed from step %d", self.step)
+
+    # ----------------------------------------------------------------------------------- the loop
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: finishing this iteration and writing a checkpoint (Ctrl-C again to stop now)",
+              flush=True)
+
+    def train(self, steps: int | None = None) -> dict[str, Any]:
+        """Run until `steps` (default train.steps) iterations are done in total. Returns a summary."""
+        cfg = self.cfg.train
+        total = cfg.steps if steps is None else steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (self.out_dir / "log.jsonl").open("a")
+        writer = self._tensorboard()
+        previous_handler = None
+        if _is_main_thread():
+            previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = _progress(total, self.step, enabled=cfg.progress)
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        nfe_window = 0
+        t_window = time.perf_counter()
+        steps_in_window = 0
+        start = time.perf_counter()
+        last_record: dict[str, Any] = {}
+        try:
+            while self.step < total and not self._stop_requested:
+                stats = self.train_step()
+                self.step += 1
+                steps_in_window += 1
+                nfe_window += stats["nfe_rollout"]
+                for k in LOSS_KEYS:
+                    if k in stats:
+                        sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
+                        counts[k] = counts.get(k, 0) + 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    last_record = self._log(sums, counts, steps_in_window, nfe_window, t_window, log_file,
+                                            writer, bar)
+                    sums, counts, nfe_window, steps_in_window = {}, {}, 0, 0
+                    t_window = time.perf_counter()
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if sums:
+                last_record = self._log(sums, counts, steps_in_window, nfe_window, t_window, log_file, writer, bar)
+            self.save_checkpoint()
+        finally:
+            bar.close()
+            log_file.close()
+            if writer is not None:
+                writer.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        return {"steps": self.step, "interrupted": self._stop_requested, "wall_clock_s": time.perf_counter() - start,
+                "last": last_record, **self.counters}
+
+    def _log(self, sums, counts, steps, nfe, t0, log_file, writer, bar) -> dict[str, Any]:
+        keys = [k for k in LOSS_KEYS if k in sums]
+        values = torch.stack([sums[k].float() / counts[k] for k in keys]).tolist() if keys else []  # one sync
+        record: dict[str, Any] = {"step": self.step}
+        record.update({k: v for k, v in zip(keys, values)})
+        elapsed = time.perf_counter() - t0
+        record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
+                      nonfinite_total=self.counters["nonfinite_total"])
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        self.history.append(record)
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    writer.add_scalar(k, v, self.step)
+        short = {"fake": record.get("loss_fake"), "stu": record.get("loss_student"),
+                 "s/it": record["step_time_s"], "nfe": record["nfe_rollout_per_step"]}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in short.items() if v is not None})
+        return record
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: silently off
+            return None
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="cdm", unit="it", dynamic_ncols=True)
