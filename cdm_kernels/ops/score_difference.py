@@ -1,0 +1,261 @@
+"""The weighted score-difference losses (dm_loss, cfg_loss): one generic fused op.
+
+Semantics: ``cdm_kernels.reference.score_difference``. With ``d = x0_a - x0_b =
+sigma_teacher (b_v - a_v)`` (xt_teacher cancels), per sample
+
+    norm = max(sum|x0_a - x0_s| / n + 1e-8, norm_clip_min)
+    loss = scale^2 sum(d^2) / (norm^2 n)              (shift = scale d / norm, loss = mean shift^2)
+    d loss / d student_v = s * k * d,  d loss / d xt = -k * d,   k = 2 scale / (norm n)
+
+so the forward needs, per sample, only three sums -- sum|x0_a - x0_s|, sum d^2 and the
+count of non-finite d -- plus the count of non-finite student x0 (which must make the loss
+NaN, as in the reference). They are all collected in ONE pass over the five inputs:
+
+* ``_partials_kernel``: grid (chunks, B); each program reduces one chunk of one sample
+  and writes four fp32 partial sums (no atomics: deterministic);
+* ``_finalize_kernel``: one program; sums the partials per sample, applies the
+  non-finite rule (a sample with a non-finite d or normaliser gets shift 0, i.e. loss 0
+  and k = 0; a non-finite student value makes loss and k NaN), writes the loss (reduced
+  or per sample) and k (B floats: the only saved state besides references to a_v, b_v).
+
+Backward: one elementwise pass reading a_v and b_v, writing the gradient of student_v
+(and, only if it is needed, a second one for xt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import lincomb
+from .utils import (
+    HAS_TRITON,
+    REDUCTIONS,
+    any_float64,
+    as_rows,
+    define_op,
+    elementwise_block,
+    finalize_block_sizes,
+    is_finite,
+    load_sigma,
+    loss_shape,
+    ops_namespace,
+    reduce_sizes,
+    round_bf16_needed,
+    row_size,
+    sigma_launch_args,
+    split_sigma,
+    tl,
+    to_output,
+    triton,
+)
+
+NORM_EPS = 1e-8
+SCHEMA = ("(Tensor student_v, Tensor a_v, Tensor b_v, Tensor xt, Tensor xt_teacher, Tensor? s_t, float s, "
+          "Tensor? st_t, float st, float scale, float norm_clip_min, str reduction) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_loss, Tensor coef, Tensor a_v, Tensor b_v, Tensor? s_t, float s, Tensor? st_t, "
+                   "float st, str reduction, float alpha, float beta, ScalarType out_dtype) -> Tensor")
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _partials_kernel(SV, AV, BV, XT, XTT, PART, S, ST, s_val, st_val, s_stride, st_stride,
+                         sv_bs, av_bs, bv_bs, xt_bs, xtt_bs, N, CHUNK, n_chunks, part_stride,
+                         HAS_S: tl.constexpr, HAS_ST: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        b = tl.program_id(1)
+        s = load_sigma(S, s_val, s_stride, b, HAS_S)
+        st = load_sigma(ST, st_val, st_stride, b, HAS_ST)
+        b64 = b.to(tl.int64)
+        acc_abs = tl.zeros((BLOCK,), tl.float32)
+        acc_sq = tl.zeros((BLOCK,), tl.float32)
+        acc_bad = tl.zeros((BLOCK,), tl.float32)
+        acc_sbad = tl.zeros((BLOCK,), tl.float32)
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        for off in range(start, end, BLOCK):
+            i = off + tl.arange(0, BLOCK)
+            mask = i < end
+            sv = tl.load(SV + b64 * sv_bs + i, mask=mask, other=0.0).to(tl.float32)
+            xt = tl.load(XT + b64 * xt_bs + i, mask=mask, other=0.0).to(tl.float32)
+            av = tl.load(AV + b64 * av_bs + i, mask=mask, other=0.0).to(tl.float32)
+            bv = tl.load(BV + b64 * bv_bs + i, mask=mask, other=0.0).to(tl.float32)
+            xtt = tl.load(XTT + b64 * xtt_bs + i, mask=mask, other=0.0).to(tl.float32)
+            x0s = xt - s * sv
+            x0a = xtt - st * av
+            d = st * (bv - av)
+            acc_abs += tl.abs(x0a - x0s)
+            acc_sq += d * d
+            acc_bad += tl.where(is_finite(d), 0.0, 1.0)
+            acc_sbad += tl.where(is_finite(x0s), 0.0, 1.0)
+        out = PART + b64 * n_chunks + c
+        tl.store(out, tl.sum(acc_abs, axis=0))
+        tl.store(out + part_stride, tl.sum(acc_sq, axis=0))
+        tl.store(out + 2 * part_stride, tl.sum(acc_bad, axis=0))
+        tl.store(out + 3 * part_stride, tl.sum(acc_sbad, axis=0))
+
+    @triton.jit
+    def _finalize_kernel(PART, LOSS, COEF, B, n_chunks, part_stride, n_float, scale, clip, red_scale,
+                         REDUCTION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        total = tl.zeros((BLOCK_B,), tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            bmask = bs < B
+            s_abs = tl.zeros((BLOCK_B,), tl.float32)
+            s_sq = tl.zeros((BLOCK_B,), tl.float32)
+            n_bad = tl.zeros((BLOCK_B,), tl.float32)
+            n_sbad = tl.zeros((BLOCK_B,), tl.float32)
+            for c0 in range(0, n_chunks, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                m2 = bmask[:, None] & (cs < n_chunks)[None, :]
+                idx = bs[:, None] * n_chunks + cs[None, :]
+                s_abs += tl.sum(tl.load(PART + idx, mask=m2, other=0.0), axis=1)
+                s_sq += tl.sum(tl.load(PART + part_stride + idx, mask=m2, other=0.0), axis=1)
+                n_bad += tl.sum(tl.load(PART + 2 * part_stride + idx, mask=m2, other=0.0), axis=1)
+                n_sbad += tl.sum(tl.load(PART + 3 * part_stride + idx, mask=m2, other=0.0), axis=1)
+            norm = tl.maximum(s_abs / n_float + 1e-8, clip)
+            ok = (n_bad == 0.0) & is_finite(s_abs)
+            loss = tl.where(ok, (scale * scale) * s_sq / (norm * norm) / n_float, 0.0)
+            coef = tl.where(ok, (2.0 * scale) / (norm * n_float), 0.0)
+            student_nan = tl.where(n_sbad > 0.0, float("nan"), 0.0)
+            loss += student_nan
+            coef += student_nan
+            tl.store(COEF + bs, coef, mask=bmask)
+            if REDUCTION == 2:
+                tl.store(LOSS + bs, loss, mask=bmask)
+            else:
+                total += tl.where(bmask, loss, 0.0)
+        if REDUCTION != 2:
+            tl.store(LOSS, tl.sum(total, axis=0) * red_scale)
+
+    @triton.jit
+    def _backward_kernel(G, COEF, AV, BV, OUT, S, ST, s_val, st_val, s_stride, st_stride, g_stride, g_scale,
+                         av_bs, bv_bs, N, alpha, beta,
+                         HAS_S: tl.constexpr, HAS_ST: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = i < N
+        s = load_sigma(S, s_val, s_stride, b, HAS_S)
+        st = load_sigma(ST, st_val, st_stride, b, HAS_ST)
+        k = tl.load(COEF + b)
+        g = tl.load(G + b * g_stride).to(tl.float32) * g_scale
+        factor = (alpha + beta * s) * k * g
+        b64 = b.to(tl.int64)
+        av = tl.load(AV + b64 * av_bs + i, mask=mask, other=0.0).to(tl.float32)
+        bv = tl.load(BV + b64 * bv_bs + i, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.where(k == 0.0, 0.0, factor * (st * (bv - av)))
+        tl.store(OUT + b64 * N + i, to_output(grad, ROUND_BF16).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, norm_clip_min, reduction):
+    batch = student_v.shape[0]
+    device = student_v.device
+    n = row_size(student_v)
+    loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
+    coef = torch.empty((batch,), dtype=torch.float32, device=device)
+    block, chunk, n_chunks = reduce_sizes(n)
+    part = torch.empty((4, batch, n_chunks), dtype=torch.float32, device=device)
+    rows = [as_rows(t) for t in (student_v, a_v, b_v, xt, xt_teacher)]
+    S, sv, ss, hs = sigma_launch_args(s_t, s, part)
+    ST, stv, sts, hst = sigma_launch_args(st_t, st, part)
+    block_b, block_c = finalize_block_sizes(batch, n_chunks)
+    with lincomb._device_guard(student_v):
+        _partials_kernel[(n_chunks, batch)](
+            rows[0][0], rows[1][0], rows[2][0], rows[3][0], rows[4][0], part, S, ST, sv, stv, ss, sts,
+            rows[0][1], rows[1][1], rows[2][1], rows[3][1], rows[4][1], n, chunk, n_chunks, batch * n_chunks,
+            HAS_S=hs, HAS_ST=hst, BLOCK=block)
+        _finalize_kernel[(1,)](
+            part, loss, coef, batch, n_chunks, batch * n_chunks, float(n), float(scale), float(norm_clip_min),
+            1.0 / batch if reduction == "mean" else 1.0, REDUCTION=REDUCTIONS[reduction], BLOCK_B=block_b,
+            BLOCK_C=block_c)
+    return loss, coef
+
+
+def _forward_fake(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, norm_clip_min, reduction):
+    batch = student_v.shape[0]
+    return (torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=student_v.device),
+            torch.empty((batch,), dtype=torch.float32, device=student_v.device))
+
+
+def _backward_triton(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, alpha, beta, out_dtype):
+    out = torch.empty(a_v.shape, dtype=out_dtype, device=a_v.device)
+    n = row_size(a_v)
+    if out.numel() == 0:
+        return out
+    batch = a_v.shape[0]
+    ar, a_bs = as_rows(a_v)
+    br, b_bs = as_rows(b_v)
+    S, sv, ss, hs = sigma_launch_args(s_t, s, out)
+    ST, stv, sts, hst = sigma_launch_args(st_t, st, out)
+    g_stride = grad_loss.stride(0) if grad_loss.dim() > 0 else 0
+    g_scale = 1.0 / batch if reduction == "mean" else 1.0
+    block = elementwise_block(n)
+    with lincomb._device_guard(a_v):
+        _backward_kernel[(triton.cdiv(n, block), batch)](
+            grad_loss, coef, ar, br, out, S, ST, sv, stv, ss, sts, g_stride, g_scale, a_bs, b_bs, n,
+            float(alpha), float(beta), HAS_S=hs, HAS_ST=hst, ROUND_BF16=round_bf16_needed(out_dtype), BLOCK=block)
+    return out
+
+
+def _backward_fake(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, alpha, beta, out_dtype):
+    return torch.empty(a_v.shape, dtype=out_dtype, device=a_v.device)
+
+
+def _setup_context(ctx, inputs, output):
+    student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, norm_clip_min, reduction = inputs
+    loss, coef = output
+    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(coef, a_v, b_v, s_t, st_t)
+    ctx.args = (s, st, reduction, student_v.dtype, xt.dtype)
+
+
+def _make_backward(ns: str):
+    def backward(ctx, grad_loss, grad_coef):
+        op = ops_namespace(ns).score_difference_backward
+        coef, a_v, b_v, s_t, st_t = ctx.saved_tensors
+        s, st, reduction, v_dtype, xt_dtype = ctx.args
+        grad_v = grad_xt = None
+        if ctx.needs_input_grad[0]:
+            grad_v = op(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, 0.0, 1.0, v_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_xt = op(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, -1.0, 0.0, xt_dtype)
+        return (grad_v, None, None, grad_xt) + (None,) * 8
+
+    return backward
+
+
+# The backward op first: the forward's autograd formula calls it.
+score_difference_backward_op = define_op("score_difference_backward", BACKWARD_SCHEMA, _backward_triton,
+                                         _backward_fake)
+score_difference_op = define_op("score_difference", SCHEMA, _forward_triton, _forward_fake, _setup_context,
+                                _make_backward)
+
+
+def make_public(ns: str):
+    from .. import reference as ref
+
+    def _run(student_v, a_v, b_v, xt, xt_teacher, sigma, sigma_teacher, scale, norm_clip_min, reduction):
+        s_t, s = split_sigma(sigma)
+        st_t, st = split_sigma(sigma_teacher)
+        loss, _ = ops_namespace(ns).score_difference(student_v, a_v.detach(), b_v.detach(), xt,
+                                                     xt_teacher.detach(), s_t, s, st_t, st, float(scale),
+                                                     float(norm_clip_min), reduction)
+        return loss
+
+    def dm_loss(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher, *, norm_clip_min=0.1,
+                reduction="mean"):
+        if any_float64(student_v, real_v, fake_v, xt, xt_teacher):
+            return ref.dm_loss(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher,
+                               norm_clip_min=norm_clip_min, reduction=reduction)
+        return _run(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher, 1.0, norm_clip_min, reduction)
+
+    def cfg_loss(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher, *, guidance_scale,
+                 norm_clip_min=0.1, reduction="mean"):
+        if any_float64(student_v, cond_v, uncond_v, xt, xt_teacher):
+            return ref.cfg_loss(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher,
+                                guidance_scale=guidance_scale, norm_clip_min=norm_clip_min, reduction=reduction)
+        return _run(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher, guidance_scale,
+                    norm_clip_min, reduction)
+
+    return {"dm_loss": dm_loss, "cfg_loss": cfg_loss}

@@ -1,0 +1,201 @@
+"""Shared helpers of the fused ops: op definition for both backends, memory layout, sigma
+arguments, launch sizes and small Triton device functions.
+
+Every op is defined twice with the same schema: ``cdm_kernels::<name>`` (a
+``torch.library.custom_op`` whose implementation launches Triton kernels: CUDA tensors,
+or CPU tensors under ``TRITON_INTERPRET=1``) and ``cdm_kernels_cpp::<name>`` (schema and
+CPU kernel defined by the C++ extension ``cdm_kernels._C``, when built). Both get the
+same fake (meta) function and the same autograd formula, whose backward calls the
+backward ops of its own namespace; so both are compile-safe and differentiable.
+
+Layout: kernels index a tensor as ``base + b * batch_stride + i`` (``i`` the row-major
+index inside a sample), so any batch stride is free (batch slices, ``chunk`` of a
+cond/uncond batch); a tensor whose per-sample part is not contiguous (permuted,
+channels-last, strided inner slices) is copied with ``.contiguous()`` first. Outputs are
+always contiguous, and the fake functions say so.
+
+Sigma: a Python float travels as a float argument, a tensor as a pointer plus a batch
+stride (0 when it holds one value); ``split_sigma`` turns the public form into the
+``(Tensor? sigma_t, float sigma)`` pair of the op schemas.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a Linux/x86 dependency
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NS_TRITON = "cdm_kernels"
+NS_CPP = "cdm_kernels_cpp"
+
+# GPU launch sizes: one 1024-element block per program for elementwise kernels; reductions
+# walk a chunk of REDUCE_CHUNK elements per program and write one partial sum per chunk.
+GPU_BLOCK = 1024
+GPU_REDUCE_CHUNK = 16384
+# The interpreter costs ~0.5 ms per program instance: one big block per sample.
+INTERPRET_MAX_BLOCK = 1 << 16
+
+_cpp_state = {"loaded": None}
+
+
+def cpp_available() -> bool:
+    """Whether the C++ extension is built and its ops are registered (imported once)."""
+    if _cpp_state["loaded"] is None:
+        try:
+            import cdm_kernels._C  # noqa: F401  (static initialisers register cdm_kernels_cpp::*)
+
+            _cpp_state["loaded"] = hasattr(torch.ops, NS_CPP) and hasattr(getattr(torch.ops, NS_CPP), "sigma_lincomb")
+        except ImportError:
+            _cpp_state["loaded"] = False
+    return _cpp_state["loaded"]
+
+
+def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    if not HAS_TRITON or dtype not in FAST_DTYPES:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def cpp_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in FAST_DTYPES and cpp_available()
+
+
+def any_float64(*args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+
+
+def ops_namespace(ns: str):
+    return getattr(torch.ops, ns)
+
+
+# ----------------------------------------------------------------------------- definition
+
+
+def define_op(name: str, schema: str, triton_impl: Callable, fake: Callable,
+              setup_context: Callable | None = None, make_backward: Callable | None = None):
+    """Define ``cdm_kernels::name`` (Triton) and attach fake/autograd to ``cdm_kernels_cpp::name``.
+
+    ``make_backward(ns)`` returns the backward function for the ops of namespace ``ns``.
+    """
+    op = torch.library.custom_op(f"{NS_TRITON}::{name}", triton_impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    if make_backward is not None:
+        op.register_autograd(make_backward(NS_TRITON), setup_context=setup_context)
+    if cpp_available():
+        qualname = f"{NS_CPP}::{name}"
+        torch.library.register_fake(qualname)(fake)
+        if make_backward is not None:
+            torch.library.register_autograd(qualname, make_backward(NS_CPP), setup_context=setup_context)
+    return op
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def split_sigma(sigma) -> tuple[torch.Tensor | None, float]:
+    """Public sigma (float or tensor) -> the (Tensor? sigma_t, float sigma) pair of the schemas."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.detach(), 0.0
+    return None, float(sigma)
+
+
+def sigma_launch_args(sigma_t: torch.Tensor | None, sigma: float, dummy: torch.Tensor):
+    """(pointer, value, batch stride, has_tensor) for a kernel's sigma arguments."""
+    if sigma_t is None:
+        return dummy, float(sigma), 0, False
+    stride = sigma_t.stride(0) if sigma_t.dim() > 0 and sigma_t.numel() > 1 else 0
+    return sigma_t, 0.0, stride, True
+
+
+def inner_contiguous(t: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tensor, batch stride) with each sample's elements contiguous (copy only if they are not)."""
+    if not inner_contiguous(t):
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
+
+
+def row_size(t: torch.Tensor) -> int:
+    n = 1
+    for s in t.shape[1:]:
+        n *= int(s)
+    return n
+
+
+def elementwise_block(n: int) -> int:
+    if INTERPRET:
+        return max(16, min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK))
+    return GPU_BLOCK
+
+
+def reduce_sizes(n: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK, number of chunks per sample) of a row reduction."""
+    if INTERPRET:
+        block = max(16, min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK))
+        chunk = block * triton.cdiv(n, block)  # one program per sample
+    else:
+        block, chunk = GPU_BLOCK, GPU_REDUCE_CHUNK
+    return block, chunk, triton.cdiv(n, chunk)
+
+
+def finalize_block_sizes(batch: int, n_chunks: int) -> tuple[int, int]:
+    return min(max(triton.next_power_of_2(batch), 2), 128), min(max(triton.next_power_of_2(n_chunks), 2), 64)
+
+
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
+
+def loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
+    return (batch,) if reduction == "none" else ()
+
+
+def round_bf16_needed(dtype: torch.dtype) -> bool:
+    # The interpreter truncates fp32 -> bf16; round to nearest even by hand there.
+    return INTERPRET and dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+if HAS_TRITON:
+
+    @triton.jit
+    def load_sigma(ptr, value, stride, b, HAS_T: tl.constexpr):
+        if HAS_T:
+            s = tl.load(ptr + b * stride).to(tl.float32)
+        else:
+            s = value  # an fp32 scalar argument (a Python float under the interpreter)
+        return s
+
+    @triton.jit
+    def to_output(x, ROUND_BF16: tl.constexpr):
+        """fp32 -> value ready to store; with ROUND_BF16, rounded to nearest even on the bf16 grid."""
+        if ROUND_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        return x
+
+    @triton.jit
+    def is_finite(x):
+        return tl.abs(x) < float("inf")
