@@ -1,0 +1,242 @@
+"""Triton kernels and launcher of the FP8 attention forward (imported on first use).
+
+Two kernels per call:
+
+1. ``_quantize_qkv_kernel`` (one launch): Q, K, V -> float8 e4m3 with one scale per
+   (batch, head, block of tokens). Q is pre-multiplied by ``softmax_scale * log2(e)``, K is
+   smoothed by subtracting its per-(batch, head) mean over tokens (one program per head
+   computes the mean, then quantises that head's K), V is written transposed, (D, S), so
+   that both MMA B operands are K-major (what Hopper's FP8 wgmma wants).
+2. ``_fp8_attention_fwd_kernel``: flash attention over the float8 tensors, fp32 scores and
+   accumulator, base-2 online softmax, P quantised to float8 per row and key block against
+   the block's own row maximum, native FP8 ``tl.dot`` for QK^T and PV.
+
+The quantisation scheme is specified by ``reference.fp8_attention_reference`` (same blocks,
+same roundings). Plain pointer arithmetic (tl.make_block_ptr is gone in triton 3.9) and an
+explicit ``out_dtype`` on every ``tl.dot`` (its default changed between 3.6 and 3.9).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_attention import _output_like
+from .reference import LOG2E
+
+# triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+
+@triton.jit
+def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
+    """float32 -> float8e4nv, round-to-nearest-even, saturating at +-448.
+
+    The interpreter's fp32 -> fp8 cast drops the carry into the exponent, so with
+    SOFT_ROUND the value is first rounded onto the e4m3 grid with integer bit operations
+    (after which the cast is exact). On the GPU the hardware cast rounds correctly.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if SOFT_ROUND:
+        bits = x.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        sign = bits ^ mag
+        # Normal range: keep 3 of the 23 mantissa bits, ties to even.
+        lsb = (mag >> 20) & 1
+        rounded = (mag + 0x7FFFF + lsb) & -1048576  # -1048576 == 0xFFF00000 as int32
+        normal = (rounded | sign).to(tl.float32, bitcast=True)
+        # Subnormal range (|x| < 2^-6): a fixed grid of 2^-9, ties to even.
+        a = tl.abs(x) * 512.0
+        fl_i = a.to(tl.int32)
+        fl = fl_i.to(tl.float32)
+        frac = a - fl
+        up = (frac > 0.5) | ((frac == 0.5) & ((fl_i & 1) == 1))
+        sub = tl.where(up, fl + 1.0, fl) * 0.001953125
+        sub = tl.where(x < 0, -sub, sub)
+        x = tl.where(tl.abs(x) < 0.015625, sub, normal)
+        return x.to(tl.float8e4nv)
+    else:
+        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+@triton.jit
+def _quantize_block_store(x, valid, dst_ptrs, scale_ptr, SOFT_ROUND: tl.constexpr):
+    x = tl.where(valid, x, 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30)
+    x8 = _to_e4m3(x * (448.0 / amax), SOFT_ROUND)
+    tl.store(dst_ptrs, x8)
+    tl.store(scale_ptr, amax * (1.0 / 448.0))
+
+@triton.jit
+def _quantize_qkv_kernel(
+    q_ptr, k_ptr, v_ptr,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    q8_ptr, k8_ptr, v8t_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    S, H, q_mult, S_PAD_M, S_PAD_N, N_BLK_M, N_BLK_N,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_ROUND: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: long video sequences overflow int32
+    which = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    if which == 0:
+        # Q: one block per program, softmax scale and log2(e) folded in.
+        if pid < N_BLK_M:
+            rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = (rows < S)[:, None]
+            src = q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qs + offs_d[None, :] * s_qd
+            x = tl.load(src, mask=valid, other=0.0).to(tl.float32) * q_mult
+            dst = q8_ptr + bh * S_PAD_M * D + rows[:, None] * D + offs_d[None, :]
+            _quantize_block_store(x, valid, dst, q_scale_ptr + bh * N_BLK_M + pid, SOFT_ROUND)
+    elif which == 1:
+        # K: the whole head in one program, since smoothing needs the mean over all tokens first.
+        if pid == 0:
+            base = k_ptr + b * s_kb + h * s_kh
+            col_sum = tl.zeros([D], dtype=tl.float32)
+            for blk in range(0, N_BLK_N):
+                rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                x = tl.load(base + rows[:, None] * s_ks + offs_d[None, :] * s_kd, mask=(rows < S)[:, None],
+                            other=0.0).to(tl.float32)
+                col_sum += tl.sum(x, axis=0)
+            mean = col_sum / S
+            for blk in range(0, N_BLK_N):
+                rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                valid = (rows < S)[:, None]
+                x = tl.load(base + rows[:, None] * s_ks + offs_d[None, :] * s_kd, mask=valid,
+                            other=0.0).to(tl.float32)
+                dst = k8_ptr + bh * S_PAD_N * D + rows[:, None] * D + offs_d[None, :]
+                _quantize_block_store(x - mean[None, :], valid, dst, k_scale_ptr + bh * N_BLK_N + blk,
+                                      SOFT_ROUND)
+    else:
+        # V: one block per program, stored transposed as (D, S_PAD_N).
+        if pid < N_BLK_N:
+            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = (rows < S)[:, None]
+            src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vs + offs_d[None, :] * s_vd
+            x = tl.load(src, mask=valid, other=0.0).to(tl.float32)
+            dst = v8t_ptr + bh * D * S_PAD_N + offs_d[None, :] * S_PAD_N + rows[:, None]
+            _quantize_block_store(x, valid, dst, v_scale_ptr + bh * N_BLK_N + pid, SOFT_ROUND)
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, q_scale, kt_ptrs, vt_ptrs, k_scale, v_scale, key_idx, S,
+    MASK_KEYS: tl.constexpr, SOFT_ROUND: tl.constexpr,
+):
+    kt = tl.load(kt_ptrs)  # (D, BLOCK_N) float8: K^T, contiguous along D
+    s = tl.dot(q, kt, out_dtype=tl.float32) * (q_scale * k_scale)
+    if MASK_KEYS:
+        s = tl.where((key_idx < S)[None, :], s, float("-inf"))
+    m_blk = tl.max(s, axis=1)  # finite: every key block holds at least one real key
+    m_new = tl.maximum(m_i, m_blk)
+    alpha = tl.exp2(m_i - m_new)
+    # P against the block's own row maximum: the row's largest entry maps to 448 exactly.
+    p = tl.exp2(s - m_blk[:, None]) * 448.0
+    row_factor = tl.exp2(m_blk - m_new) * (1.0 / 448.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1) * row_factor
+    p8 = _to_e4m3(p, SOFT_ROUND)
+    vt = tl.load(vt_ptrs)  # (D, BLOCK_N) float8: V^T, contiguous along keys
+    pv = tl.dot(p8, tl.trans(vt), out_dtype=tl.float32)
+    acc = acc * alpha[:, None] + pv * (row_factor * v_scale)[:, None]
+    return acc, m_new, l_i
+
+@triton.jit
+def _fp8_attention_fwd_kernel(
+    q8_ptr, k8_ptr, v8t_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr,
+    s_ob, s_oh, s_os, s_od,
+    S, H, S_PAD_M, S_PAD_N, N_BLK_M, N_BLK_N,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_N: tl.constexpr, SOFT_ROUND: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    # Buffers are padded to whole blocks (zeros), so only the output store is masked.
+    q = tl.load(q8_ptr + bh * S_PAD_M * D + offs_m[:, None] * D + offs_d[None, :])
+    q_scale = tl.load(q_scale_ptr + bh * N_BLK_M + pid_m)
+    kt_base = k8_ptr + bh * S_PAD_N * D + offs_d[:, None]
+    vt_base = v8t_ptr + bh * D * S_PAD_N + offs_d[:, None] * S_PAD_N
+    ks_base = k_scale_ptr + bh * N_BLK_N
+    vs_base = v_scale_ptr + bh * N_BLK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    n_full = N_BLK_N if EVEN_N else N_BLK_N - 1
+    for j in range(0, n_full):
+        key_idx = j * BLOCK_N + offs_n
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :],
+            tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, False, SOFT_ROUND,
+        )
+    if not EVEN_N:
+        j = N_BLK_N - 1
+        key_idx = j * BLOCK_N + offs_n
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :],
+            tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, True, SOFT_ROUND,
+        )
+    out = acc / l_i[:, None]
+    dst = o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od
+    tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
+
+
+def kernel_config(head_dim: int) -> dict:
+    """Block sizes and launch parameters of the Triton path (the reference twin needs the blocks).
+
+    Not autotuned (autotuning inside CUDA-graph capture or the interpreter misbehaves): override
+    with CDM_FP8_ATTN_CONFIG="BLOCK_M,BLOCK_N,num_warps,num_stages" to tune on a new GPU.
+    """
+    env = os.environ.get("CDM_FP8_ATTN_CONFIG")
+    if env:
+        bm, bn, warps, stages = (int(t) for t in env.split(","))
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+
+
+def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = None) -> torch.Tensor:
+    cfg = config or kernel_config(q.shape[-1])
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    b, h, s, d = q.shape
+    bh = b * h
+    n_blk_m, n_blk_n = triton.cdiv(s, bm), triton.cdiv(s, bn)
+    s_pad_m, s_pad_n = n_blk_m * bm, n_blk_n * bn
+    dev = q.device
+    f8 = torch.float8_e4m3fn
+    q8 = torch.empty((bh, s_pad_m, d), dtype=f8, device=dev)
+    k8 = torch.empty((bh, s_pad_n, d), dtype=f8, device=dev)
+    v8t = torch.empty((bh, d, s_pad_n), dtype=f8, device=dev)
+    q_scale = torch.empty((bh, n_blk_m), dtype=torch.float32, device=dev)
+    k_scale = torch.empty((bh, n_blk_n), dtype=torch.float32, device=dev)
+    v_scale = torch.empty((bh, n_blk_n), dtype=torch.float32, device=dev)
+    soft = INTERPRET or dev.type != "cuda"
+    _quantize_qkv_kernel[(max(n_blk_m, n_blk_n), bh, 3)](
+        q, k, v, *q.stride(), *k.stride(), *v.stride(),
+        q8, k8, v8t, q_scale, k_scale, v_scale,
+        s, h, float(softmax_scale * LOG2E), s_pad_m, s_pad_n, n_blk_m, n_blk_n,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, SOFT_ROUND=soft, num_warps=4,
+    )
+    out = _output_like(q)
+    # The interpreter's fp32 -> bf16 cast truncates: keep fp32 there and let torch round.
+    o = _output_like(q, torch.float32) if (soft and q.dtype != torch.float32) else out
+    _fp8_attention_fwd_kernel[(n_blk_m, bh)](
+        q8, k8, v8t, q_scale, k_scale, v_scale, o, *o.stride(),
+        s, h, s_pad_m, s_pad_n, n_blk_m, n_blk_n,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=(s % bn == 0), SOFT_ROUND=soft,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if o is not out:
+        out.copy_(o)
+    return out

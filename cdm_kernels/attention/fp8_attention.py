@@ -1,0 +1,166 @@
+"""FP8 attention forward: public entry point, op registration and dispatch.
+
+The Triton kernels live in ``_kernels.py``, imported on first use (so ``import cdm_kernels``
+never imports triton); the quantisation scheme is specified by
+``reference.fp8_attention_reference`` and the tests hold the kernel to it and both to float32
+attention by SQNR.
+
+Dispatch (``path`` resolved inside the op, so torch.compile sees one opaque custom op):
+CUDA sm_89+ (Ada, Hopper, Blackwell): Triton FP8 kernel. CUDA below sm_89 (A100 has no FP8
+tensor cores): SDPA in the input dtype (flash backend for bf16/fp16). CPU: the Triton kernel
+under ``TRITON_INTERPRET=1``, else SDPA. Each fallback is logged once. The optional backends
+"fa3" and "te" run only when asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("cdm_kernels")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+PATHS = ("auto", "triton", "sdpa", "fa3", "te")
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, msg: str, *args, level: int = logging.INFO) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, msg, *args)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _output_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, H, S, D) view of (B, S, H, D) memory: what the diffusers processors reshape for free."""
+    b, h, s, d = q.shape
+    return torch.empty((b, s, h, d), dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
+
+
+def kernel_config(head_dim: int) -> dict:
+    """Block sizes and launch parameters of the Triton path (see ``_kernels.kernel_config``)."""
+    from ._kernels import kernel_config as _cfg
+
+    return _cfg(head_dim)
+
+
+def _sdpa(q, k, v, softmax_scale: float) -> torch.Tensor:
+    out = _output_like(q)
+    out.copy_(F.scaled_dot_product_attention(q, k, v, scale=softmax_scale))
+    return out
+
+
+def native_fp8_available(device: torch.device) -> bool:
+    """Whether `device` has FP8 tensor cores that Triton's tl.dot can use (sm_89 and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _resolve_path(q: torch.Tensor, path: str) -> str:
+    if path != "auto":
+        return path
+    if not HAS_TRITON:
+        _log_once("no-triton", "cdm_kernels.fp8_attention: triton not installed; using SDPA in %s", q.dtype)
+        return "sdpa"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        _log_once(f"d{q.shape[-1]}", "cdm_kernels.fp8_attention: head dim %d not in %s; using SDPA",
+                  q.shape[-1], SUPPORTED_HEAD_DIMS)
+        return "sdpa"
+    if q.device.type == "cuda" and not _interpret():
+        if native_fp8_available(q.device):
+            _log_once("triton-gpu", "cdm_kernels.fp8_attention: Triton FP8 kernel on %s (sm_%d%d)",
+                      torch.cuda.get_device_name(q.device), *torch.cuda.get_device_capability(q.device))
+            return "triton"
+        _log_once("sdpa-gpu", "cdm_kernels.fp8_attention: %s (sm_%d%d) has no FP8 tensor cores; using SDPA in %s",
+                  torch.cuda.get_device_name(q.device), *torch.cuda.get_device_capability(q.device), q.dtype)
+        return "sdpa"
+    if _interpret():
+        _log_once("interp", "cdm_kernels.fp8_attention: Triton FP8 kernel through the interpreter (TRITON_INTERPRET=1)")
+        return "triton"
+    _log_once("sdpa-cpu", "cdm_kernels.fp8_attention: no FP8 path on %s; using SDPA in %s", q.device.type, q.dtype)
+    return "sdpa"
+
+
+@torch.library.custom_op("cdm_kernels::fp8_attention", mutates_args=())
+def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                      path: str) -> torch.Tensor:
+    path = _resolve_path(q, path)
+    if path == "triton":
+        from ._kernels import triton_fp8_attention
+
+        return triton_fp8_attention(q, k, v, softmax_scale)
+    if path == "sdpa":
+        return _sdpa(q, k, v, softmax_scale)
+    from . import _backends
+
+    out = _output_like(q)
+    out.copy_(_backends.run(path, q, k, v, softmax_scale))
+    return out
+
+
+@_fp8_attention_op.register_fake
+def _(q, k, v, softmax_scale, path):
+    return _output_like(q)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d (B, H, S, D) tensor, got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"{name} must be bf16, fp16 or fp32, got {t.dtype}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, S, D) shape (self-attention, no GQA), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[2] == 0:
+        raise ValueError("q must hold at least one token (S >= 1)")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "triton" and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {q.shape[-1]} not supported by the Triton FP8 kernel {SUPPORTED_HEAD_DIMS}")
+
+
+def fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    path: str = "auto",
+) -> torch.Tensor:
+    """Non-causal, unmasked softmax attention with FP8 (e4m3) inputs and fp32 accumulation.
+
+    q, k, v: (B, H, S, D) bf16/fp16/fp32 (the SDPA layout, any strides). Returns (B, H, S, D) in
+    the input dtype, laid out in memory as (B, S, H, D) so that ``out.transpose(1, 2)`` is
+    contiguous. ``softmax_scale`` defaults to ``1 / sqrt(D)``.
+
+    Forward-only: raises RuntimeError for inputs that require grad while grad mode is on.
+    ``path``: "auto" (see module doc), or force "triton", "sdpa", "fa3" (flash_attn_interface
+    FP8) or "te" (Transformer Engine FP8 DPA); the last two only when installed.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(
+            "fp8_attention is forward-only (no backward), but an input requires grad under grad mode. Call it "
+            "under torch.no_grad()/torch.inference_mode(), or use patch_attention(mode='fp8_no_grad'), which "
+            "falls back to SDPA whenever gradients are needed."
+        )
+    _check(q, k, v, path)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return _fp8_attention_op(q, k, v, float(softmax_scale), path)
+
+
+__all__ = ["fp8_attention", "kernel_config", "native_fp8_available", "SUPPORTED_HEAD_DIMS"]
