@@ -38,6 +38,9 @@ except ImportError:  # pragma: no cover - triton is a Linux/x86 dependency
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted by the accelerated backends only to hand it to the reference (fp64 is a
+# testing dtype): the public functions of ops/*.py fall back when any data input is fp64.
+SUPPORTED_DTYPES = FAST_DTYPES + (torch.float64,)
 NS_TRITON = "cdm_kernels"
 NS_CPP = "cdm_kernels_cpp"
 
@@ -64,13 +67,13 @@ def cpp_available() -> bool:
 
 
 def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    if not HAS_TRITON or dtype not in FAST_DTYPES:
+    if not HAS_TRITON or dtype not in SUPPORTED_DTYPES:
         return False
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
 
 
 def cpp_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in FAST_DTYPES and cpp_available()
+    return device.type == "cpu" and dtype in SUPPORTED_DTYPES and cpp_available()
 
 
 def any_float64(*args) -> bool:
