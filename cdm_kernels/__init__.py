@@ -14,6 +14,7 @@ from .api import (
     predict_x0_renoise,
     renoise,
 )
+from .attention import fp8_attention, patch_attention, unpatch_attention
 from .backend import available_backends, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -30,4 +31,7 @@ __all__ = [
     "available_backends",
     "euler_step",
     "predict_x0_renoise",
+    "fp8_attention",
+    "patch_attention",
+    "unpatch_attention",
 ]
