@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "schedule": {"max_steps": 8},
-        "optim": {"student_lr": 1e-4, "fake_lr": 1e-3},
+        "optim": {"student_lr": 1e-4, "fake_lr": 3e-3},
         "train": {"steps": 20, "batch_size": 4, "log_every": 5, "checkpoint_every": 10},
     },
     "digits": {

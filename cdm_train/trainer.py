@@ -60,6 +60,7 @@ class Trainer:
                          "student_updates": 0, "fake_updates": 0}
         self.out_dir = Path(cfg.train.out_dir)
         self._stop_requested = False
+        self._iteration_nonfinite = False
         self.history: list[dict[str, Any]] = []  # logged records (also written to log.jsonl)
 
     # ----------------------------------------------------------------------------------- helpers
@@ -76,14 +77,8 @@ class Trainer:
         if not bool(finite):  # the one host sync per optimizer step (see module docstring)
             opt.zero_grad(set_to_none=True)
             self.counters["nonfinite_total"] += 1
-            self.counters["nonfinite_in_a_row"] += 1
-            if self.counters["nonfinite_in_a_row"] >= self.cfg.train.max_nonfinite:
-                raise TrainingDiverged(
-                    f"{self.counters['nonfinite_in_a_row']} non-finite steps in a row at step {self.step} "
-                    f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); lower the learning rates or check "
-                    f"the data. The last checkpoint in {self.out_dir} is intact.")
+            self._iteration_nonfinite = True
             return False
-        self.counters["nonfinite_in_a_row"] = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         return True
@@ -99,6 +94,7 @@ class Trainer:
         cond = m.sample_cond(batch, rnd.host)
         noise = torch.randn((batch, *m.latent_shape), generator=rnd.device, device=self.device)
         stats: dict[str, Any] = {}
+        self._iteration_nonfinite = False
         with ck.use_backend(cfg.speed.backend):
             with self.autocast():
                 ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices,
@@ -124,6 +120,15 @@ class Trainer:
                 nfe += sl.student_nfe + sl.teacher_nfe + sl.fake_nfe
         self.counters["nfe_rollout"] += ro.nfe
         self.counters["nfe_total"] += nfe
+        if self._iteration_nonfinite:
+            self.counters["nonfinite_in_a_row"] += 1
+            if self.counters["nonfinite_in_a_row"] >= self.cfg.train.max_nonfinite:
+                raise TrainingDiverged(
+                    f"{self.counters['nonfinite_in_a_row']} non-finite steps in a row at step {self.step} "
+                    f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); lower the learning rates or check "
+                    f"the data. The last checkpoint in {self.out_dir} is intact.")
+        else:
+            self.counters["nonfinite_in_a_row"] = 0
         stats["nfe_rollout"] = ro.nfe
         stats["rollout_steps"] = ro.num_steps
         return stats
@@ -210,7 +215,8 @@ class Trainer:
                     self.save_checkpoint()
             if sums:
                 last_record = self._log(sums, counts, steps_in_window, nfe_window, t_window, log_file, writer, bar)
-            self.save_checkpoint()
+            if self.step % cfg.checkpoint_every != 0 or self.step == 0:
+                self.save_checkpoint()
         finally:
             bar.close()
             log_file.close()

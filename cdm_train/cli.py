@@ -1,0 +1,197 @@
+"""`cdm-train`: the command-line interface of the CDM trainer.
+
+    cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH]]
+    cdm-train sample --checkpoint RUN_DIR_OR_FILE [--steps 4] [--num 16] [--out FILE.png]
+    cdm-train demo [--out DIR] [--quick]
+    cdm-train train-teacher [--out FILE] [--steps N] [--seed S]
+    cdm-train config [--preset NAME] [--config FILE] [--set key=value ...]
+
+Exit codes: 0 success, 1 training diverged or failed, 2 bad config or arguments, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, make_config, reference_mode, to_yaml
+from .presets import PRESETS
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named configuration: digits (embedded default), tiny (tests), sd3-medium "
+                        "(local diffusers dir, see --set model.path=...), sd3-medium-shape (random init, benchmarks)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML file with sections model/schedule/loss/optim/speed/train (see README)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=20 (repeatable; applied last)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdm-train", description="Continuous-Time Distribution Matching "
+                                     "(CDM) distillation of flow-matching transformers into few-step students.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run CDM distillation", description="Run CDM distillation. Config = defaults "
+                       "(official SD3 recipe) <- preset <- --config FILE <- --set overrides <- the flags below.")
+    _config_args(t)
+    t.add_argument("--steps", type=int, default=None, help="total iterations (train.steps)")
+    t.add_argument("--out", default=None, help="run directory for checkpoint.pt, log.jsonl, tensorboard/ "
+                   "(train.out_dir)")
+    t.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (train.device)")
+    t.add_argument("--batch-size", type=int, default=None, help="samples per iteration (train.batch_size)")
+    t.add_argument("--backend", choices=["auto", "reference", "triton", "cpp"], default=None,
+                   help="cdm_kernels backend for the fused ops (speed.backend)")
+    t.add_argument("--reference-mode", action="store_true",
+                   help="switch every acceleration off (reference backend, no shared forward, no early exit, "
+                        "no batched teacher calls): the baseline for benchmarks")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from a checkpoint (a file or run dir; bare --resume: the run dir's checkpoint)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint at any step count")
+    s.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    s.add_argument("--steps", type=int, default=4, help="Euler steps (default 4)")
+    s.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale at sampling time (default: none; the student has guidance distilled in)")
+    s.add_argument("--weights", choices=["ema", "student"], default="ema", help="which student weights (default ema)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+
+    d = sub.add_parser("demo", help="the embedded default: digits teacher -> 4-step student, with a quality report")
+    d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    d.add_argument("--quick", action="store_true", help="a shortened run (for smoke tests)")
+
+    tt = sub.add_parser("train-teacher", help="train the digits teacher (flow matching on sklearn digits)")
+    tt.add_argument("--out", default=None, help="checkpoint path (default: the package's cached teacher path)")
+    tt.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped teacher's)")
+    tt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+
+    c = sub.add_parser("config", help="print the resolved configuration as YAML")
+    _config_args(c)
+    return parser
+
+
+def _train_config(args):
+    overrides = list(args.overrides)
+    flag_map = {"steps": "train.steps", "out": "train.out_dir", "device": "train.device",
+                "batch_size": "train.batch_size", "backend": "speed.backend"}
+    cfg = make_config(args.preset or ("digits" if args.config is None else None), args.config, overrides)
+    extra = []
+    for attr, key in flag_map.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    if args.no_progress:
+        extra.append("train.progress=false")
+    if extra:
+        cfg = make_config(cfg.model.preset, args.config, overrides + extra)
+    if args.reference_mode:
+        reference_mode(cfg)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .trainer import Trainer, TrainingDiverged
+
+    cfg = _train_config(args)
+    trainer = Trainer(cfg)
+    if args.resume is not None:
+        trainer.resume(args.resume or None)
+    try:
+        summary = trainer.train()
+    except TrainingDiverged as exc:
+        print(f"cdm-train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+    if summary["interrupted"]:
+        print(f"stopped at step {summary['steps']}; resume with: cdm-train train ... --out {cfg.train.out_dir} "
+              f"--resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from . import checkpoint as ckpt
+    from .config import config_from_dict
+    from .images import save_grid
+    from .presets import build_teacher, resolve_device
+    from .sampling import sample_euler
+
+    if args.steps < 1 or args.num < 1:
+        raise ConfigError("--steps and --num must be >= 1")
+    state = ckpt.load(args.checkpoint)
+    cfg = config_from_dict(state["config"])
+    device = resolve_device(args.device)
+    model, adapter, sample_cond, latent = build_teacher(cfg, device)
+    model.load_state_dict(state["ema" if args.weights == "ema" else "student"])
+    model = model.float().eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    if cfg.model.preset == "digits":
+        from .digits import NUM_CLASSES
+
+        cond = (torch.arange(args.num) % NUM_CLASSES).to(device)
+    else:
+        cond = sample_cond(args.num, gen)
+    noise = torch.randn((args.num, *latent), generator=gen).to(device)
+    images = sample_euler(model, adapter, cond, noise, args.steps, guidance_scale=args.guidance)
+    path = save_grid(images, args.out, nrow=min(args.num, 10))
+    print(f"wrote {path} ({args.num} samples, {args.steps} steps, step {state['step']} {args.weights} weights)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_train_teacher(args) -> int:
+    from .digits import train_teacher
+
+    kwargs = {"seed": args.seed}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    train_teacher(args.out, **kwargs)
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = make_config(args.preset or ("digits" if args.config is None else None), args.config, args.overrides)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "train-teacher": cmd_train_teacher,
+            "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"cdm-train: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"cdm-train: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cdm-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
