@@ -414,3 +414,27 @@ def test_gpu_optional_backends(path):
     with torch.no_grad():
         out = fp8_attention(q, k, v, path=path)
     assert sqnr_db(out, attention_float(q, k, v, dtype=torch.float32)) >= 20.0
+
+
+@needs_triton
+def test_gpu_code_path_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The non-interpreted kernels compile to PTX for Hopper with FP8 wgmma (triton's bundled ptxas)."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton without its NVIDIA backend")
+    script = (
+        "from cdm_kernels.attention._kernels import aot_compile\n"
+        "ptx = aot_compile(90, 64, 'bf16', even_n=False)\n"
+        "a = ptx['attention']\n"
+        "assert 'wgmma.mma_async' in a and 'e4m3' in a, 'no FP8 wgmma'\n"
+        "assert 'cvt.rn.satfinite.e4m3x2.f32' in ptx['quantize'], 'no RNE fp8 cast'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("ptxas not available")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

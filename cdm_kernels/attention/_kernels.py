@@ -240,3 +240,40 @@ def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = No
     if o is not out:
         out.copy_(o)
     return out
+
+
+def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", even_n: bool = False) -> dict:
+    """Compile both kernels for a CUDA target without a GPU (needs triton's bundled ptxas).
+
+    Returns {"quantize": ptx, "attention": ptx}. Only outside the interpreter (TRITON_INTERPRET=0
+    when this module was imported). Lets CPU-only CI check that the GPU code path compiles, and
+    whether the FP8 MMAs came out as wgmma (sm_90) or mma (sm_89).
+    """
+    if INTERPRET:
+        raise RuntimeError("aot_compile needs TRITON_INTERPRET=0 when cdm_kernels.attention._kernels is imported")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = kernel_config(head_dim)
+    target = GPUTarget("cuda", capability, 32)
+
+    def build(fn, ptr_types: dict, scalars: dict, consts: dict, options: dict) -> str:
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in ptr_types:
+                sig[name] = ptr_types[name]
+            else:
+                sig[name] = scalars.get(name, "i32")
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        return triton.compile(src, target=target, options=options).asm["ptx"]
+
+    f8 = {n: "*fp8e4nv" for n in ("q8_ptr", "k8_ptr", "v8t_ptr")}
+    f32 = {n: "*fp32" for n in ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr")}
+    blocks = {"D": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "SOFT_ROUND": False}
+    quant = build(_quantize_qkv_kernel, {**{n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr")}, **f8, **f32},
+                  {"q_mult": "fp32"}, blocks, {"num_warps": 4})
+    attn = build(_fp8_attention_fwd_kernel, {**f8, **f32, "o_ptr": f"*{dtype}"}, {}, {**blocks, "EVEN_N": even_n},
+                 {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return {"quantize": quant, "attention": attn}
