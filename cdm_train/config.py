@@ -72,6 +72,11 @@ class SpeedConfig:
     shared_student_forward: bool = True  # (a) one student forward serves CA and DM
     early_exit_rollout: bool = True  # (b) samples leave the rollout after step i+1
     batched_teacher_calls: bool = True  # (c) real-teacher cond/uncond/DM/CDM calls in one batch
+    # FP8 for passes without gradient (measured, not exact; see docs/fp8.md). Off by default.
+    fp8_attention_teacher: bool = False  # real teacher: every call
+    fp8_attention_fake: bool = False  # fake teacher: its no-grad scoring calls (its training step stays bf16)
+    fp8_attention_rollout: bool = False  # student: the no-grad rollout (the student step stays bf16)
+    fp8_linear_teacher: bool = False  # real teacher's linear layers via torchao float8 (sm_89+, else no-op)
 
 
 @dataclass
@@ -279,6 +284,10 @@ def reference_mode(cfg: Config) -> None:
     cfg.speed.shared_student_forward = False
     cfg.speed.early_exit_rollout = False
     cfg.speed.batched_teacher_calls = False
+    cfg.speed.fp8_attention_teacher = False
+    cfg.speed.fp8_attention_fake = False
+    cfg.speed.fp8_attention_rollout = False
+    cfg.speed.fp8_linear_teacher = False
 
 
 def to_yaml(cfg: Config) -> str:

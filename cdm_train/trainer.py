@@ -55,6 +55,7 @@ class Trainer:
         self.student_opt = torch.optim.AdamW(self.models.student.parameters(), lr=o.student_lr, **adamw)
         self.fake_opt = torch.optim.AdamW(self.models.fake.parameters(), lr=o.fake_lr, **adamw)
         self.ema = EMA(self.models.student, o.ema_decay)
+        apply_fp8_switches(cfg, self.models)
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
                          "student_updates": 0, "fake_updates": 0}
@@ -255,6 +256,27 @@ class Trainer:
         except Exception:  # tensorboard not installed: silently off
             return None
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+
+
+def apply_fp8_switches(cfg: Config, models: Models) -> None:
+    """FP8 attention / linears on the passes without gradient, as the speed switches say.
+
+    Patched processors use FP8 only when no gradient flows through the attention, so the
+    fake teacher's training step and the student step keep bf16 attention.
+    """
+    sp = cfg.speed
+    targets = [(sp.fp8_attention_teacher, models.teacher), (sp.fp8_attention_fake, models.fake),
+               (sp.fp8_attention_rollout, models.student)]
+    if any(on for on, _ in targets):
+        from cdm_kernels import patch_attention
+
+        for on, net in targets:
+            if on:
+                patch_attention(net, mode="fp8_no_grad")
+    if sp.fp8_linear_teacher:
+        from cdm_kernels.fp8 import quantize_frozen
+
+        quantize_frozen(models.teacher)
 
 
 def _is_main_thread() -> bool:

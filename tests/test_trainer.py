@@ -141,3 +141,17 @@ def test_cli_train_and_sample(tmp_path):
     assert main(["train", "--preset", "tiny", "--steps", "6", "--out", str(out), "--resume", "--no-progress",
                  "--set", "train.tensorboard=false"]) == 0
     assert load(out)["step"] == 6
+
+
+def test_fp8_switches_patch_only_the_no_grad_passes(tmp_path):
+    from cdm_kernels.attention import is_patched
+
+    tr = Trainer(tiny_config(tmp_path, "speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
+                             "speed.fp8_attention_rollout=true", "speed.fp8_linear_teacher=true",
+                             "schedule.max_steps=2", "train.batch_size=2"))
+    assert is_patched(tr.models.teacher) and is_patched(tr.models.fake) and is_patched(tr.models.student)
+    assert not is_patched(tr.ema.module)  # samples from the EMA keep the stock attention
+    tr.step = 1  # a student-step iteration: grad-mode attention must still work (bf16 path)
+    stats = tr.train_step()
+    assert torch.isfinite(stats["loss_fake"]) and torch.isfinite(stats["loss_student"])
+    assert tr.counters["student_updates"] == 1 and tr.counters["fake_updates"] == 1
