@@ -136,9 +136,11 @@ def test_score_difference_multi_chunk_reduction(backend, monkeypatch):
 
         monkeypatch.setattr(sd, "reduce_sizes", lambda n: (16, 32, math.ceil(n / 32)))
         monkeypatch.setattr(sd, "finalize_block_sizes", lambda b, c: (2, 2))
-    shape = (5, 3, 50)  # 150 elements: 5 chunks of 32 (the last one partial), 5 samples in tiles of 2
+    # triton: 150 elements = 5 chunks of 32 (the last one partial), 5 samples in finalize tiles of 2;
+    # cpp: 35000 elements = 3 chunks of 16384 (the last one partial)
+    shape = (5, 3, 50) if backend == "triton" else (5, 5, 7000)
     tensors = [make(shape, seed=50 + i) for i in range(5)]
-    tensors[1][3, 2, 49] = float("nan")  # in the last, partial chunk
+    tensors[1][3, 2, -1] = float("nan")  # in the last, partial chunk
     for reduction in REDUCTIONS:
         _check_score_difference(backend, "cfg", tensors, make_sigma("batch", 5, 3), 0.5, torch.float32,
                                 reduction=reduction)
