@@ -53,8 +53,10 @@ def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, min(200, steps // 10))
     # Linear warm-up, then cosine decay to 10% of lr.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps))))))
+    def lr_factor(k: int) -> float:
+        return min(1.0, (k + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="teacher", disable=not progress, dynamic_ncols=True)
     running = None
@@ -80,7 +82,27 @@ def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS
             bar.set_postfix(loss=f"{running:.4f}")
     meta = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
             "label_dropout": label_dropout, "final_loss": running, "train_seconds": time.perf_counter() - start,
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
     if out_path is not None:
         save_checkpoint(ema, Path(out_path), meta)
     return ema.float().eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cdm_train.digits --out PATH` (what `cdm-train train-teacher` runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the digits teacher (flow matching, CFG label dropout)")
+    parser.add_argument("--out", default=None, help="checkpoint path (default: the package's shipped checkpoint)")
+    parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .model import DEFAULT_TEACHER_PATH
+
+    out = Path(args.out) if args.out else DEFAULT_TEACHER_PATH
+    train_teacher(out, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {out}")
