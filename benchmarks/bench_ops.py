@@ -1,0 +1,192 @@
+"""Microbenchmark of the fused ops against the reference.
+
+For each op, forward and (for the losses) forward+backward, providers: reference eager,
+torch.compile(reference), triton (CUDA only), cpp (CPU, when the extension is built).
+Reports the median time, the achieved bandwidth on the op's *minimal bytes* (each input read
+once, each output written once; seeded noise is generated, not read) in GB/s and as a
+fraction of the device's measured copy bandwidth, the speed-up over eager reference, and
+the peak extra memory (CUDA: allocator peak above the inputs; not measurable on CPU).
+
+    .venv/bin/python benchmarks/bench_ops.py --device cpu            # batch 4, 16x64x64, fp32
+    .venv/bin/python benchmarks/bench_ops.py --device cuda           # SD3/LongCat, Flux, video; bf16
+    .venv/bin/python benchmarks/bench_ops.py --device cuda --quick   # fewer repetitions, SD3 shape only
+
+Timings on a shared machine are noisy: the median of many repetitions is reported, and a
+result is only comparable to one taken on the same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cdm_kernels as ck  # noqa: E402
+from cdm_kernels import reference as ref  # noqa: E402
+
+SHAPES = {
+    "cpu": [("cpu 4x16x64x64", (4, 16, 64, 64), torch.float32)],
+    "cuda": [
+        ("SD3/LongCat 1024px", (16, 16, 128, 128), torch.bfloat16),
+        ("Flux 1024px", (8, 16, 128, 128), torch.bfloat16),
+        ("video 16x21x60x104", (1, 16, 21, 60, 104), torch.bfloat16),
+    ],
+}
+
+# name -> (inputs read, outputs written, differentiable input count, builder)
+#   builder(t, s, st) -> (callable(fns) running the op once, needs_backward)
+
+
+def _cases(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(5)]
+    b = shape[0]
+    s = (torch.rand(b, generator=g) * 0.9 + 0.05).to(device)
+    st = (torch.rand(b, generator=g) * 0.9 + 0.05).to(device)
+    student = t[0].clone().requires_grad_(True)
+    pred = t[1].clone().requires_grad_(True)
+    return [
+        # (label, reads, writes, fn(impl) -> output or loss, backward?)
+        ("euler_extrapolate", 2, 1, lambda f: f["euler_extrapolate"](t[0], t[1], s, st), False),
+        ("euler_step", 2, 2, lambda f: f["euler_step"](t[0], t[1], s, st), False),
+        ("renoise (seeded)", 1, 1, lambda f: f["renoise"](t[0], st, seed=1), False),
+        ("predict_x0_renoise (seeded)", 2, 2, lambda f: f["predict_x0_renoise"](t[0], t[1], s, st, seed=1), False),
+        ("dm_loss fwd", 5, 0, lambda f: f["dm_loss"](t[0], t[1], t[2], t[3], t[4], s, st), False),
+        ("dm_loss fwd+bwd", 5, 1, lambda f: f["dm_loss"](student, t[1], t[2], t[3], t[4], s, st), True),
+        ("cfg_loss fwd+bwd", 5, 1,
+         lambda f: f["cfg_loss"](student, t[1], t[2], t[3], t[4], s, st, guidance_scale=7.0), True),
+        ("flow_matching_loss fwd (seeded)", 2, 0, lambda f: f["flow_matching_loss"](t[1], t[2], seed=3), False),
+        ("flow_matching_loss fwd+bwd (seeded)", 2, 1, lambda f: f["flow_matching_loss"](pred, t[2], seed=3), True),
+    ], (student, pred)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device == "cuda":
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, reps):
+    n = (256 if device == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    sec = _time(lambda: dst.copy_(src), device, reps, 3)
+    return 2 * src.numel() * src.element_size() / sec / 1e9
+
+
+def _providers(device):
+    ref_fns = {name: getattr(ref, name) for name in ("euler_extrapolate", "euler_step", "renoise",
+                                                      "predict_x0_renoise", "dm_loss", "cfg_loss",
+                                                      "flow_matching_loss")}
+    providers = {"reference": ref_fns}
+    compiled = {name: torch.compile(fn, dynamic=False) for name, fn in ref_fns.items()}
+    providers["compile(reference)"] = compiled
+    import cdm_kernels.ops as ops
+
+    if device == "cuda" and ops.TRITON:
+        providers["triton"] = ops.TRITON
+    if device == "cpu" and ops.CPP:
+        providers["cpp"] = ops.CPP
+    return providers
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (and on CUDA only the SD3 shape)")
+    parser.add_argument("--ops", default="", help="comma-separated substrings of op labels to run (default all)")
+    parser.add_argument("--markdown", default="", help="also append the table to this file")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device")
+    reps, warmup = (10, 2) if args.quick else (50, 5)
+    shapes = SHAPES[device][:1] if args.quick else SHAPES[device]
+    ck.set_backend("reference")  # the providers are called directly; nothing goes through auto
+    copy_bw = copy_bandwidth(device, reps)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"device: {name}; torch {torch.__version__}; measured copy bandwidth {copy_bw:.1f} GB/s; "
+             f"median of {reps} runs", "",
+             "| shape | op | provider | median ms | GB/s (minimal bytes) | % of copy BW | speed-up vs eager | "
+             "peak extra MiB |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    providers = _providers(device)
+    wanted = [w.strip() for w in args.ops.split(",") if w.strip()]
+    for shape_label, shape, dtype in shapes:
+        cases, leaves = _cases(shape, dtype, device)
+        elem = torch.empty((), dtype=dtype).element_size()
+        numel = 1
+        for size in shape:
+            numel *= size
+        for label, reads, writes, run, backward in cases:
+            if wanted and not any(w in label for w in wanted):
+                continue
+            minimal_bytes = (reads + writes) * numel * elem
+            eager_sec = None
+            for pname, fns in providers.items():
+                def once(run=run, fns=fns, backward=backward, leaves=leaves):
+                    out = run(fns)
+                    if backward:
+                        out.backward()
+                        for leaf in leaves:
+                            leaf.grad = None
+                    return out
+
+                try:
+                    once()  # compile / warm up outside the timing and the memory measurement
+                    extra = "n/a"
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        once()
+                        torch.cuda.synchronize()
+                        extra = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
+                    sec = _time(once, device, reps, warmup)
+                except Exception as exc:  # a provider that cannot run this op is reported, not fatal
+                    row = f"| {shape_label} | {label} | {pname} | failed: {type(exc).__name__}: {exc} | | | | |"
+                    lines.append(row)
+                    print(row, flush=True)
+                    continue
+                if pname == "reference":
+                    eager_sec = sec
+                gbps = minimal_bytes / sec / 1e9
+                speedup = f"{eager_sec / sec:.2f}x" if eager_sec else ""
+                row = (f"| {shape_label} {str(dtype).replace('torch.', '')} | {label} | {pname} | {sec * 1e3:.3f} | "
+                       f"{gbps:.1f} | {100 * gbps / copy_bw:.0f}% | {speedup} | {extra} |")
+                lines.append(row)
+                print(row, flush=True)
+    if args.markdown:
+        with open(args.markdown, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
