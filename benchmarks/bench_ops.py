@@ -93,9 +93,9 @@ def _time(fn, device, reps, warmup):
     return statistics.median(times)
 
 
-def copy_bandwidth(device, reps):
-    n = (256 if device == "cuda" else 64) * 2**20 // 4
-    src = torch.randn(n, device=device)
+def copy_bandwidth(device, reps, nbytes):
+    """GB/s of dst.copy_(src) for one tensor of `nbytes` (the size of one benchmark input: same cache level)."""
+    src = torch.randn(max(nbytes // 4, 1), device=device)
     dst = torch.empty_like(src)
     sec = _time(lambda: dst.copy_(src), device, reps, 3)
     return 2 * src.numel() * src.element_size() / sec / 1e9
@@ -106,8 +106,7 @@ def _providers(device):
                                                       "predict_x0_renoise", "dm_loss", "cfg_loss",
                                                       "flow_matching_loss")}
     providers = {"reference": ref_fns}
-    compiled = {name: torch.compile(fn, dynamic=False) for name, fn in ref_fns.items()}
-    providers["compile(reference)"] = compiled
+    providers["compile(reference)"] = {name: torch.compile(fn, dynamic=False) for name, fn in ref_fns.items()}
     import cdm_kernels.ops as ops
 
     if device == "cuda" and ops.TRITON:
@@ -123,21 +122,28 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (and on CUDA only the SD3 shape)")
     parser.add_argument("--ops", default="", help="comma-separated substrings of op labels to run (default all)")
     parser.add_argument("--markdown", default="", help="also append the table to this file")
+    parser.add_argument("--providers", default="",
+                        help="comma-separated subset of: reference, compile(reference), triton, cpp (default all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device")
     reps, warmup = (10, 2) if args.quick else (50, 5)
     shapes = SHAPES[device][:1] if args.quick else SHAPES[device]
     ck.set_backend("reference")  # the providers are called directly; nothing goes through auto
-    copy_bw = copy_bandwidth(device, reps)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"device: {name}; torch {torch.__version__}; measured copy bandwidth {copy_bw:.1f} GB/s; "
-             f"median of {reps} runs", "",
+    lines = [f"device: {name}; torch {torch.__version__}; median of {reps} runs; copy bandwidth measured per "
+             "shape on one input-sized tensor", "",
              "| shape | op | provider | median ms | GB/s (minimal bytes) | % of copy BW | speed-up vs eager | "
              "peak extra MiB |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     providers = _providers(device)
+    if args.providers:
+        keep = {p.strip() for p in args.providers.split(",")} | {"reference"}  # the speed-up baseline
+        providers = {k: v for k, v in providers.items() if k in keep}
     wanted = [w.strip() for w in args.ops.split(",") if w.strip()]
     for shape_label, shape, dtype in shapes:
         cases, leaves = _cases(shape, dtype, device)
@@ -145,6 +151,10 @@ def main(argv=None):
         numel = 1
         for size in shape:
             numel *= size
+        copy_bw = copy_bandwidth(device, reps, numel * elem)
+        row = f"| {shape_label} | copy (dst.copy_(src), one input) | torch | | {copy_bw:.1f} | 100% | | |"
+        lines.append(row)
+        print(row, flush=True)
         for label, reads, writes, run, backward in cases:
             if wanted and not any(w in label for w in wanted):
                 continue
