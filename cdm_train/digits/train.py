@@ -17,7 +17,7 @@ import torch
 from cdm_kernels import flow_matching_loss, renoise
 
 from .data import NULL_CLASS, load_digits_split
-from .model import DigitsTransformer, build_digits_model, save_checkpoint
+from .model import DEFAULT_TEACHER_PATH, DigitsTransformer, build_digits_model, save_checkpoint
 
 TEACHER_STEPS = 4000
 TEACHER_BATCH = 128
@@ -38,8 +38,9 @@ def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS
                   device: str | torch.device = "cpu") -> DigitsTransformer:
     """Train a digits teacher from scratch on the training split; returns the EMA model (eval mode).
 
-    The checkpoint (EMA weights, fp32) is written atomically to `out_path` (None: not written).
-    Deterministic in `seed` for a fixed torch build and thread count.
+    The checkpoint (EMA weights, fp32) is written atomically to `out_path` (None: the package's
+    default path, cdm_train/assets/digits_teacher.pt, i.e. the cached teacher `load_teacher()` reads).
+    Deterministic in `seed` for a fixed torch build (the shipped one was trained with one torch thread).
     """
     from tqdm.auto import tqdm
 
@@ -83,8 +84,7 @@ def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS
     meta = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
             "label_dropout": label_dropout, "final_loss": running, "train_seconds": time.perf_counter() - start,
             "torch": str(torch.__version__)}
-    if out_path is not None:
-        save_checkpoint(ema, Path(out_path), meta)
+    save_checkpoint(ema, Path(out_path) if out_path is not None else DEFAULT_TEACHER_PATH, meta)
     return ema.float().eval()
 
 
@@ -101,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .model import DEFAULT_TEACHER_PATH
-
     out = Path(args.out) if args.out else DEFAULT_TEACHER_PATH
     train_teacher(out, steps=args.steps, seed=args.seed, progress=not args.no_progress)
     print(f"wrote {out}")
