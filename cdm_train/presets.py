@@ -30,11 +30,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"student_lr": 1e-4, "fake_lr": 3e-3},
         "train": {"steps": 20, "batch_size": 4, "log_every": 5, "checkpoint_every": 10},
     },
-    "digits": {
+    "digits": {  # tuned on the shipped digits teacher; the reasons are in docs/demo.md
         "schedule": {"max_steps": 12},
-        "loss": {"guidance_scale": 2.0},
-        "optim": {"student_lr": 2e-4, "fake_lr": 4e-4, "ema_decay": 0.95, "fake_merge_decay": 1.0},
-        "train": {"steps": 300, "batch_size": 32, "log_every": 10, "checkpoint_every": 100},
+        "loss": {"guidance_scale": 0.5},
+        "optim": {"student_lr": 2e-5, "fake_lr": 2e-4, "ema_decay": 0.95, "fake_merge_decay": 1.0},
+        "train": {"steps": 400, "batch_size": 32, "log_every": 10, "checkpoint_every": 200},
     },
     "sd3-medium": {
         "train": {"batch_size": 4, "log_every": 10, "checkpoint_every": 500},
