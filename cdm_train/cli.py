@@ -102,14 +102,18 @@ def cmd_train(args) -> int:
     from .trainer import Trainer, TrainingDiverged
 
     cfg = _train_config(args)
-    trainer = Trainer(cfg)
-    if args.resume is not None:
-        trainer.resume(args.resume or None)
+    trainer = Trainer(cfg)  # under torchrun with train.parallel=ddp|fsdp: joins the process group
     try:
+        if args.resume is not None:
+            trainer.resume(args.resume or None)
         summary = trainer.train()
     except TrainingDiverged as exc:
         print(f"cdm-train: {exc}", file=sys.stderr)
         return 1
+    finally:
+        trainer.parallel.close()
+    if not trainer.parallel.is_main:
+        return 130 if summary["interrupted"] else 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     if summary["interrupted"]:
         print(f"stopped at step {summary['steps']}; resume with: cdm-train train ... --out {cfg.train.out_dir} "

@@ -92,6 +92,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     progress: bool = True
     tensorboard: bool = True  # used when the tensorboard package is installed
+    parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
+    grad_checkpointing: bool = False  # recompute student / fake-teacher block activations in backward
 
 
 @dataclass
@@ -276,6 +278,7 @@ def validate(cfg: Config) -> None:
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
+    _require(t.parallel in ("none", "ddp", "fsdp"), "train.parallel", "must be none, ddp or fsdp")
 
 
 def reference_mode(cfg: Config) -> None:

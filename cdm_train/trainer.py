@@ -29,7 +29,8 @@ import cdm_kernels as ck
 
 from . import checkpoint as ckpt
 from .config import Config
-from .ema import EMA, lerp_params_
+from .distributed import Parallel, lerp_local_, unwrap
+from .ema import EMA
 from .presets import Models, build_models, resolve_device
 from .rng import capture_global_rng, restore_global_rng, step_random
 from .rollout import rollout, sample_schedule, sample_trajectory_indices
@@ -47,14 +48,17 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config, models: Models | None = None, *, rank: int = 0):
         self.cfg = cfg
-        self.rank = rank
-        self.device = resolve_device(cfg.train.device)
+        # train.parallel != none: join the torchrun process group; rank, device and wrapping follow it.
+        self.parallel = Parallel.from_config(cfg)
+        self.rank = self.parallel.rank if self.parallel.enabled else rank
+        self.device = self.parallel.resolve_device(resolve_device(cfg.train.device))
         self.models = models if models is not None else build_models(cfg, self.device)
         o = cfg.optim
+        self.ema = EMA(self.models.student, o.ema_decay)
+        self.parallel.wrap(cfg, self.models, self.ema, self.device)  # DDP / FSDP2 / grad checkpointing
         adamw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, foreach=True)
         self.student_opt = torch.optim.AdamW(self.models.student.parameters(), lr=o.student_lr, **adamw)
         self.fake_opt = torch.optim.AdamW(self.models.fake.parameters(), lr=o.fake_lr, **adamw)
-        self.ema = EMA(self.models.student, o.ema_decay)
         apply_fp8_switches(cfg, self.models)
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
@@ -74,7 +78,7 @@ class Trainer:
     def _optimizer_step(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
         params = [p for p in module.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
-        finite = torch.isfinite(loss) & torch.isfinite(total_norm)
+        finite = self.parallel.all_finite(loss, total_norm)  # the same on every rank
         if not bool(finite):  # the one host sync per optimizer step (see module docstring)
             opt.zero_grad(set_to_none=True)
             self.counters["nonfinite_total"] += 1
@@ -97,7 +101,7 @@ class Trainer:
         stats: dict[str, Any] = {}
         self._iteration_nonfinite = False
         with ck.use_backend(cfg.speed.backend):
-            with self.autocast():
+            with self.autocast(), self.parallel.rollout_context(m.student):
                 ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices,
                              early_exit=cfg.speed.early_exit_rollout)
             sg = draw_sigmas(cfg, rnd, ro.sigma_i)
@@ -106,7 +110,7 @@ class Trainer:
             loss_fake.backward()
             if self._optimizer_step(m.fake, self.fake_opt, loss_fake):
                 self.counters["fake_updates"] += 1
-                lerp_params_(m.fake, m.student, cfg.optim.fake_merge_decay)
+                lerp_local_(m.fake, m.student, cfg.optim.fake_merge_decay)
             stats["loss_fake"] = loss_fake.detach()
             nfe = ro.nfe + batch
             if (self.step + 1) % cfg.optim.update_ratio == 0:
@@ -115,10 +119,11 @@ class Trainer:
                 sl.total.backward()
                 if self._optimizer_step(m.student, self.student_opt, sl.total):
                     self.counters["student_updates"] += 1
-                    self.ema.update(m.student)
+                    lerp_local_(self.ema.module, m.student, self.ema.decay)  # = ema.update, on local shards
                 stats.update(loss_ca=sl.ca.detach(), loss_dm=sl.dm.detach(), loss_cdm=sl.cdm.detach(),
                              loss_student=sl.total.detach())
                 nfe += sl.student_nfe + sl.teacher_nfe + sl.fake_nfe
+        self.parallel.end_step(m)
         self.counters["nfe_rollout"] += ro.nfe
         self.counters["nfe_total"] += nfe
         if self._iteration_nonfinite:
@@ -135,39 +140,49 @@ class Trainer:
         return stats
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        m = self.models
-        return {
-            "step": self.step,
-            "student": m.student.state_dict(),
-            "fake": m.fake.state_dict(),
-            "ema": self.ema.state_dict(),
-            "student_opt": self.student_opt.state_dict(),
-            "fake_opt": self.fake_opt.state_dict(),
-            "rng": capture_global_rng(),
-            "counters": dict(self.counters),
-            "config": self.cfg.to_dict(),
-        }
+    def meta_state_dict(self) -> dict[str, Any]:
+        """Everything in a checkpoint except the tensors of networks and optimizers."""
+        return {"step": self.step, "rng": capture_global_rng(), "counters": dict(self.counters),
+                "config": self.cfg.to_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        m = self.models
-        m.student.load_state_dict(state["student"])
-        m.fake.load_state_dict(state["fake"])
-        self.ema.load_state_dict(state["ema"])
-        self.student_opt.load_state_dict(state["student_opt"])
-        self.fake_opt.load_state_dict(state["fake_opt"])
+    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
         restore_global_rng(state["rng"])
         self.counters.update(state["counters"])
         self.step = int(state["step"])
 
+    def state_dict(self) -> dict[str, Any]:
+        m = self.models
+        return {
+            "student": unwrap(m.student).state_dict(),
+            "fake": unwrap(m.fake).state_dict(),
+            "ema": self.ema.state_dict(),
+            "student_opt": self.student_opt.state_dict(),
+            "fake_opt": self.fake_opt.state_dict(),
+            **self.meta_state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        m = self.models
+        unwrap(m.student).load_state_dict(state["student"])
+        unwrap(m.fake).load_state_dict(state["fake"])
+        self.ema.load_state_dict(state["ema"])
+        self.student_opt.load_state_dict(state["student_opt"])
+        self.fake_opt.load_state_dict(state["fake_opt"])
+        self.load_meta_state_dict(state)
+
     def save_checkpoint(self) -> Path:
-        path = ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_NAME)
+        if self.parallel.enabled:  # DDP: rank 0 writes checkpoint.pt; FSDP: DCP from every rank
+            path = self.parallel.save_checkpoint(self)
+        else:
+            path = ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_NAME)
         log.info("checkpoint written: %s (step %d)", path, self.step)
         return path
 
     def resume(self, path: str | Path | None = None) -> None:
-        state = ckpt.load(path if path is not None else self.out_dir, map_location=self.device)
-        self.load_state_dict(state)
+        if self.parallel.enabled:
+            self.parallel.load_checkpoint(self, path)
+        else:
+            self.load_state_dict(ckpt.load(path if path is not None else self.out_dir, map_location=self.device))
         log.info("resumed from step %d", self.step)
 
     # ----------------------------------------------------------------------------------- the loop
@@ -183,12 +198,13 @@ class Trainer:
         cfg = self.cfg.train
         total = cfg.steps if steps is None else steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (self.out_dir / "log.jsonl").open("a")
-        writer = self._tensorboard()
+        main = self.parallel.is_main  # rank 0 writes logs, tensorboard and the progress bar
+        log_file = (self.out_dir / "log.jsonl").open("a") if main else None
+        writer = self._tensorboard() if main else None
         previous_handler = None
         if _is_main_thread():
             previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        bar = _progress(total, self.step, enabled=cfg.progress)
+        bar = _progress(total, self.step, enabled=cfg.progress and main)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         nfe_window = 0
@@ -197,7 +213,7 @@ class Trainer:
         start = time.perf_counter()
         last_record: dict[str, Any] = {}
         try:
-            while self.step < total and not self._stop_requested:
+            while self.step < total and not self._stop_requested_anywhere():
                 stats = self.train_step()
                 self.step += 1
                 steps_in_window += 1
@@ -220,7 +236,8 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             bar.close()
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
             if writer is not None:
                 writer.close()
             if previous_handler is not None:
@@ -230,14 +247,16 @@ class Trainer:
 
     def _log(self, sums, counts, steps, nfe, t0, log_file, writer, bar) -> dict[str, Any]:
         keys = [k for k in LOSS_KEYS if k in sums]
-        values = torch.stack([sums[k].float() / counts[k] for k in keys]).tolist() if keys else []  # one sync
+        # One sync; under train.parallel the mean over ranks (every rank calls _log at the same steps).
+        values = self.parallel.mean(torch.stack([sums[k].float() / counts[k] for k in keys])).tolist() if keys else []
         record: dict[str, Any] = {"step": self.step}
         record.update({k: v for k, v in zip(keys, values)})
         elapsed = time.perf_counter() - t0
         record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
                       nonfinite_total=self.counters["nonfinite_total"])
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
         self.history.append(record)
         if writer is not None:
             for k, v in record.items():
@@ -247,6 +266,10 @@ class Trainer:
                  "s/it": record["step_time_s"], "nfe": record["nfe_rollout_per_step"]}
         bar.set_postfix({k: f"{v:.3g}" for k, v in short.items() if v is not None})
         return record
+
+    def _stop_requested_anywhere(self) -> bool:
+        """Ctrl-C reaches the ranks at different iterations: all stop at the same one."""
+        return self.parallel.any_flag(self._stop_requested, self.device)
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
