@@ -77,6 +77,12 @@ class SpeedConfig:
     fp8_attention_fake: bool = False  # fake teacher: its no-grad scoring calls (its training step stays bf16)
     fp8_attention_rollout: bool = False  # student: the no-grad rollout (the student step stays bf16)
     fp8_linear_teacher: bool = False  # real teacher's linear layers via torchao float8 (sm_89+, else no-op)
+    # CUDA graphs, streams, compile (docs/graphs.md). Eager fallback on the CPU. Off by default.
+    cuda_graphs_teacher: bool = False  # real teacher + fake no-grad scoring replayed as CUDA graphs (one per shape)
+    overlap_teacher_calls: bool = False  # real and fake teacher at the same x_t concurrently on two streams
+    compile_student: bool = False  # regional torch.compile of the student's transformer blocks
+    rollout_graphs: bool = False  # the student's no-grad rollout as graphs, one per batch size
+    rollout_graph_mode: str = "capture"  # capture (GraphedForward) | compile (torch.compile reduce-overhead)
 
 
 @dataclass
@@ -269,6 +275,8 @@ def validate(cfg: Config) -> None:
     _require(o.update_ratio >= 1, "optim.update_ratio", "must be >= 1")
     _require(sp.backend in ("auto", "reference", "triton", "cpp"), "speed.backend",
              "must be auto, reference, triton or cpp")
+    _require(sp.rollout_graph_mode in ("capture", "compile"), "speed.rollout_graph_mode",
+             "must be capture or compile")
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")
@@ -291,6 +299,10 @@ def reference_mode(cfg: Config) -> None:
     cfg.speed.fp8_attention_fake = False
     cfg.speed.fp8_attention_rollout = False
     cfg.speed.fp8_linear_teacher = False
+    cfg.speed.cuda_graphs_teacher = False
+    cfg.speed.overlap_teacher_calls = False
+    cfg.speed.compile_student = False
+    cfg.speed.rollout_graphs = False
 
 
 def to_yaml(cfg: Config) -> str:

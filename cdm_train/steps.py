@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import cdm_kernels as ck
+from cdm_kernels.graphs import run_concurrently, run_sequentially
 
 from .adapters import Cond, ModelAdapter, cond_cat
 from .config import Config
@@ -74,22 +75,30 @@ def _teacher_velocities(cfg: Config, teacher, fake, adapter, cond, uncond, xt_ca
     independence of the networks makes this exact up to matmul summation order.
     """
     b = xt_ca.shape[0]
-    with torch.no_grad():
-        if cfg.speed.batched_teacher_calls:
-            real = _call(adapter, teacher, torch.cat([xt_ca, xt_ca, xt_dm, xt_cdm]),
+    if cfg.speed.batched_teacher_calls:
+        def real_calls():
+            return _call(adapter, teacher, torch.cat([xt_ca, xt_ca, xt_dm, xt_cdm]),
                          torch.cat([sg.ca_teacher, sg.ca_teacher, sg.dm_teacher, sg.cdm_teacher]),
-                         cond_cat([cond, uncond, cond, cond]))
-            v_cond, v_uncond, v_real_dm, v_real_cdm = real.split(b)
-            fake_v = _call(adapter, fake, torch.cat([xt_dm, xt_cdm]), torch.cat([sg.dm_teacher, sg.cdm_teacher]),
-                           cond_cat([cond, cond]))
-            v_fake_dm, v_fake_cdm = fake_v.split(b)
-        else:
-            v_cond = _call(adapter, teacher, xt_ca, sg.ca_teacher, cond)
-            v_uncond = _call(adapter, teacher, xt_ca, sg.ca_teacher, uncond)
-            v_real_dm = _call(adapter, teacher, xt_dm, sg.dm_teacher, cond)
-            v_fake_dm = _call(adapter, fake, xt_dm, sg.dm_teacher, cond)
-            v_real_cdm = _call(adapter, teacher, xt_cdm, sg.cdm_teacher, cond)
-            v_fake_cdm = _call(adapter, fake, xt_cdm, sg.cdm_teacher, cond)
+                         cond_cat([cond, uncond, cond, cond])).split(b)
+
+        def fake_calls():
+            return _call(adapter, fake, torch.cat([xt_dm, xt_cdm]), torch.cat([sg.dm_teacher, sg.cdm_teacher]),
+                         cond_cat([cond, cond])).split(b)
+    else:
+        def real_calls():
+            return (_call(adapter, teacher, xt_ca, sg.ca_teacher, cond),
+                    _call(adapter, teacher, xt_ca, sg.ca_teacher, uncond),
+                    _call(adapter, teacher, xt_dm, sg.dm_teacher, cond),
+                    _call(adapter, teacher, xt_cdm, sg.cdm_teacher, cond))
+
+        def fake_calls():
+            return (_call(adapter, fake, xt_dm, sg.dm_teacher, cond),
+                    _call(adapter, fake, xt_cdm, sg.cdm_teacher, cond))
+    # The real and fake calls are independent: with overlap_teacher_calls they run on two CUDA streams.
+    pair = run_concurrently if cfg.speed.overlap_teacher_calls else run_sequentially
+    with torch.no_grad():
+        (v_cond, v_uncond, v_real_dm, v_real_cdm), (v_fake_dm, v_fake_cdm) = pair(real_calls, fake_calls,
+                                                                                device=xt_ca.device)
     return v_cond, v_uncond, v_real_dm, v_fake_dm, v_real_cdm, v_fake_cdm
 
 

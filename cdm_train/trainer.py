@@ -31,6 +31,8 @@ from . import checkpoint as ckpt
 from .config import Config
 from .distributed import Parallel, lerp_local_, unwrap
 from .ema import EMA
+from .graphs import apply_graph_switches
+from .monitor import GpuMonitor
 from .presets import Models, build_models, resolve_device
 from .rng import capture_global_rng, restore_global_rng, step_random
 from .rollout import rollout, sample_schedule, sample_trajectory_indices
@@ -60,6 +62,8 @@ class Trainer:
         self.student_opt = torch.optim.AdamW(self.models.student.parameters(), lr=o.student_lr, **adamw)
         self.fake_opt = torch.optim.AdamW(self.models.fake.parameters(), lr=o.fake_lr, **adamw)
         apply_fp8_switches(cfg, self.models)
+        apply_graph_switches(cfg, self.models)
+        self.monitor = GpuMonitor(self.device)  # silently off without pynvml or a GPU
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
                          "student_updates": 0, "fake_updates": 0}
@@ -254,6 +258,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
                       nonfinite_total=self.counters["nonfinite_total"])
+        record.update(self.monitor.read())
         if log_file is not None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()

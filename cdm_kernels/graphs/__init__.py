@@ -1,0 +1,25 @@
+"""CUDA-graph capture, two-stream overlap and regional compile helpers (see docs/graphs.md).
+
+Everything here falls back to plain eager calls on the CPU, so call sites need no
+device checks.
+"""
+
+from .graphed import GraphedForward, GraphStats, ShapeKeyedCache, flatten, input_key, unflatten
+from .regional import compile_blocks, find_blocks, is_compiled
+from .streams import concurrency_available, run_concurrently, run_sequentially, side_stream
+
+__all__ = [
+    "GraphedForward",
+    "GraphStats",
+    "ShapeKeyedCache",
+    "flatten",
+    "unflatten",
+    "input_key",
+    "compile_blocks",
+    "find_blocks",
+    "is_compiled",
+    "run_concurrently",
+    "run_sequentially",
+    "concurrency_available",
+    "side_stream",
+]
