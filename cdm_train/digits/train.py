@@ -35,13 +35,26 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def train_teacher(out_path: str | os.PathLike | None, steps: int = TEACHER_STEPS, seed: int = 0,
                   progress: bool = True, batch_size: int = TEACHER_BATCH, lr: float = TEACHER_LR,
                   ema_decay: float = TEACHER_EMA, label_dropout: float = LABEL_DROPOUT,
-                  device: str | torch.device = "cpu") -> DigitsTransformer:
+                  device: str | torch.device = "cpu", num_threads: int | None = 1) -> DigitsTransformer:
     """Train a digits teacher from scratch on the training split; returns the EMA model (eval mode).
 
     The checkpoint (EMA weights, fp32) is written atomically to `out_path` (None: the package's
     default path, cdm_train/assets/digits_teacher.pt, i.e. the cached teacher `load_teacher()` reads).
-    Deterministic in `seed` for a fixed torch build (the shipped one was trained with one torch thread).
+    Deterministic in `seed` for a fixed torch build and thread count. num_threads: torch CPU threads while
+    training (restored after; None: leave as is); 1 by default because the shipped teacher was trained with
+    one thread (so the defaults reproduce it) and this tiny model gains nothing from more.
     """
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train_teacher(out_path, steps, seed, progress, batch_size, lr, ema_decay, label_dropout, device)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_teacher(out_path, steps, seed, progress, batch_size, lr, ema_decay, label_dropout, device
+                   ) -> DigitsTransformer:
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -96,11 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="checkpoint path (default: the package's shipped checkpoint)")
     parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as for the ship)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else DEFAULT_TEACHER_PATH
-    train_teacher(out, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    train_teacher(out, steps=args.steps, seed=args.seed, progress=not args.no_progress, num_threads=args.threads)
     print(f"wrote {out}")
