@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from a checkpoint (a file or run dir; bare --resume: the run dir's checkpoint)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
 
     s = sub.add_parser("sample", help="generate images from a checkpoint at any step count")
     s.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -102,6 +104,12 @@ def cmd_train(args) -> int:
     from .trainer import Trainer, TrainingDiverged
 
     cfg = _train_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     trainer = Trainer(cfg)  # under torchrun with train.parallel=ddp|fsdp: joins the process group
     try:
         if args.resume is not None:
