@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped teacher's)")
     tt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
 
+    e = sub.add_parser("encode-prompts", help="precompute text embeddings (SD3 / Flux text encoders) for training",
+                       description="Encode a prompt file with the pipeline's own text encoders into sharded "
+                       "safetensors + index.json (use the directory as model.prompt_embeds).")
+    e.add_argument("--model", required=True, help="local diffusers pipeline directory (SD3 or Flux)")
+    e.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line, or JSONL {\"prompt\": ...}")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts per encoder call (default 16)")
+    e.add_argument("--shard-rows", type=int, default=4096, help="rows per safetensors shard (default 4096)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="encoder and storage dtype (default bfloat16)")
+    e.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default 256, as SD3 training)")
+
     c = sub.add_parser("config", help="print the resolved configuration as YAML")
     _config_args(c)
     return parser
@@ -184,8 +197,17 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_encode_prompts(args) -> int:
+    from .prompts import encode_prompts
+
+    out = encode_prompts(args.model, args.prompts, args.out, batch_size=args.batch_size, shard_rows=args.shard_rows,
+                         device=args.device, dtype=args.dtype, max_sequence_length=args.max_sequence_length)
+    print(f"wrote {out / 'index.json'}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "train-teacher": cmd_train_teacher,
-            "config": cmd_config}
+            "config": cmd_config, "encode-prompts": cmd_encode_prompts}
 
 
 def main(argv: list[str] | None = None) -> int:

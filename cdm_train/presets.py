@@ -165,9 +165,15 @@ def build_teacher(cfg: Config, device: torch.device):
             raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
         sub = "transformer" if (root / "transformer").is_dir() else None
         teacher = SD3Transformer2DModel.from_pretrained(str(root), subfolder=sub, torch_dtype=torch.float32)
-        bank, null = _load_prompt_embeds(cfg.model.prompt_embeds, device)
         side = cfg.model.resolution // 8
-        return teacher.to(device), SD3Adapter(null), PromptBank(bank), (teacher.config.in_channels, side, side)
+        latent = (teacher.config.in_channels, side, side)
+        if Path(cfg.model.prompt_embeds).is_dir():  # `cdm-train encode-prompts` output: sharded, memory-mapped
+            from .prompts import StreamingPromptBank
+
+            stream = StreamingPromptBank(cfg.model.prompt_embeds, device)
+            return teacher.to(device), SD3Adapter(stream.null()), stream, latent
+        bank, null = _load_prompt_embeds(cfg.model.prompt_embeds, device)
+        return teacher.to(device), SD3Adapter(null), PromptBank(bank), latent
     if preset == "digits":
         from . import digits
 
