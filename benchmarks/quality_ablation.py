@@ -1,12 +1,15 @@
 """Quality ablation of CDM on the digits default (a benchmark script, not a test).
 
-Four variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
+Five variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
 (FD to the held-out digits and class accuracy, cdm_train.eval, EVAL_PER_CLASS samples per class):
 
 1. cdm          full CDM: dynamic continuous schedule, CA + DM + off-trajectory DM (the digits preset);
 2. dmd          discrete DMD-style baseline: fixed schedule [1.0, 0.75, 0.5, 0.25], CA + DM only;
 3. cdm-no-off   CDM without the off-trajectory loss (loss.cdm_weight=0);
-4. cdm-fixed    CDM with the fixed schedule [1.0, 0.75, 0.5, 0.25].
+4. cdm-fixed    CDM with the fixed schedule [1.0, 0.75, 0.5, 0.25];
+5. cdm-fp8      full CDM with FP8 attention in every pass without gradient (real teacher, fake-teacher
+                scoring, rollout) through the kernel's PyTorch twin (same e4m3 roundings; the digits model's
+                head dim 32 is outside the kernel's {64, 128}). Evaluated with the stock attention.
 
     .venv/bin/python benchmarks/quality_ablation.py --seeds 0 1 2 --jobs 2 --out benchmarks/quality_ablation.json
     .venv/bin/python benchmarks/quality_ablation.py --table benchmarks/quality_ablation.json   # markdown table
@@ -31,6 +34,8 @@ VARIANTS: dict[str, list[str]] = {
     "dmd": [f"schedule.fixed={FIXED}", "loss.cdm_weight=0"],
     "cdm-no-off": ["loss.cdm_weight=0"],
     "cdm-fixed": [f"schedule.fixed={FIXED}"],
+    "cdm-fp8": ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
+                "speed.fp8_attention_rollout=true", "speed.fp8_attention_emulate=true"],
 }
 STEPS = (1, 2, 4, 8)
 

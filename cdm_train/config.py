@@ -77,6 +77,9 @@ class SpeedConfig:
     fp8_attention_fake: bool = False  # fake teacher: its no-grad scoring calls (its training step stays bf16)
     fp8_attention_rollout: bool = False  # student: the no-grad rollout (the student step stays bf16)
     fp8_linear_teacher: bool = False  # real teacher's linear layers via torchao float8 (sm_89+, else no-op)
+    # The fp8_attention_* switches run the PyTorch twin of the FP8 kernel (same e4m3 roundings, any device and
+    # head dim, slower than SDPA) instead of the kernel: for measuring FP8's effect on quality without a GPU.
+    fp8_attention_emulate: bool = False
     # CUDA graphs, streams, compile (docs/graphs.md). Eager fallback on the CPU. Off by default.
     cuda_graphs_teacher: bool = False  # real teacher + fake no-grad scoring replayed as CUDA graphs (one per shape)
     overlap_teacher_calls: bool = False  # real and fake teacher at the same x_t concurrently on two streams
@@ -299,6 +302,7 @@ def reference_mode(cfg: Config) -> None:
     cfg.speed.fp8_attention_fake = False
     cfg.speed.fp8_attention_rollout = False
     cfg.speed.fp8_linear_teacher = False
+    cfg.speed.fp8_attention_emulate = False
     cfg.speed.cuda_graphs_teacher = False
     cfg.speed.overlap_teacher_calls = False
     cfg.speed.compile_student = False

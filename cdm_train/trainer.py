@@ -298,9 +298,10 @@ def apply_fp8_switches(cfg: Config, models: Models) -> None:
     if any(on for on, _ in targets):
         from cdm_kernels import patch_attention
 
+        mode = "fp8_emulated_no_grad" if sp.fp8_attention_emulate else "fp8_no_grad"
         for on, net in targets:
             if on:
-                patch_attention(net, mode="fp8_no_grad")
+                patch_attention(net, mode=mode)
     if sp.fp8_linear_teacher:
         from cdm_kernels.fp8 import quantize_frozen
 

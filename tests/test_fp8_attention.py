@@ -262,6 +262,39 @@ def test_sd3_fp8_no_grad_path(sd3, monkeypatch):
     assert _rel_err(out, stock) < 0.05
 
 
+def test_sd3_emulated_mode_runs_the_reference_twin(sd3, monkeypatch):
+    """fp8_emulated_no_grad: the twin's roundings without grad (any head dim), stock SDPA with grad."""
+    twin_calls = []
+    real_twin = processors_mod.fp8_attention_reference
+
+    def counting_twin(q, k, v, *a, **kw):
+        twin_calls.append(tuple(q.shape))
+        return real_twin(q, k, v, *a, **kw)
+
+    def kernel_must_not_run(*a, **kw):
+        raise AssertionError("the emulated mode called the FP8 kernel")
+
+    monkeypatch.setattr(processors_mod, "fp8_attention_reference", counting_twin)
+    monkeypatch.setattr(processors_mod, "fp8_attention", kernel_must_not_run)
+    inputs = _sd3_inputs()
+    with torch.no_grad():
+        stock = _run(sd3, inputs)
+    stock_grad = _run(sd3, inputs)
+    try:
+        patch_attention(sd3, mode="fp8_emulated_no_grad")
+        with torch.no_grad():
+            out = _run(sd3, inputs)
+        assert twin_calls == [(2, 2, 64 + TEXT_TOKENS, 64)] * 2
+        assert torch.isfinite(out).all() and not torch.equal(out, stock)  # e4m3 rounding changes the result
+        assert _rel_err(out, stock) < 0.05
+        twin_calls.clear()
+        assert torch.equal(_run(sd3, inputs), stock_grad)  # grad mode: the stock call, bit for bit
+        assert twin_calls == []
+    finally:
+        unpatch_attention(sd3)
+        sd3.zero_grad(set_to_none=True)
+
+
 @needs_triton
 def test_sqnr_on_sd3_activations(sd3, monkeypatch):
     """q, k, v captured from the tiny SD3 teacher's joint attention (S = 64 + 13 = 77)."""

@@ -155,3 +155,13 @@ def test_fp8_switches_patch_only_the_no_grad_passes(tmp_path):
     stats = tr.train_step()
     assert torch.isfinite(stats["loss_fake"]) and torch.isfinite(stats["loss_student"])
     assert tr.counters["student_updates"] == 1 and tr.counters["fake_updates"] == 1
+
+
+def test_fp8_emulate_switch_installs_the_reference_twin(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, "speed.fp8_attention_teacher=true", "speed.fp8_attention_emulate=true",
+                             "schedule.max_steps=2", "train.batch_size=2"))
+    modes = {p.mode for p in tr.models.teacher.attn_processors.values()}
+    assert modes == {"fp8_emulated_no_grad"}
+    assert not any(hasattr(p, "mode") for p in tr.models.student.attn_processors.values())  # switch off: stock
+    stats = tr.train_step()
+    assert torch.isfinite(stats["loss_fake"])

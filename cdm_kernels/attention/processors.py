@@ -9,7 +9,10 @@ Each of ours repeats the stock processor's code line for line and differs only i
 attention call: in mode "fp8_no_grad" it calls ``fp8_attention`` when no gradient can flow
 through the attention (grad mode off, or q/k/v not requiring grad) and there is no mask;
 otherwise (and always in mode "bf16") it makes exactly the stock call, so the result is
-bit-identical to diffusers'. Processors of other types are left in place and reported.
+bit-identical to diffusers'. Mode "fp8_emulated_no_grad" replaces the kernel by its PyTorch twin
+(``fp8_attention_reference``: the same e4m3 roundings, any device, any head dim, slower than
+SDPA): for measuring what FP8 numerics do to training quality where the kernel cannot run,
+e.g. the digits demo on CPU (head dim 32). Processors of other types are left in place and reported.
 ``unpatch_attention(model)`` restores the original processor objects.
 
 Plain Python processors, so torch.compile traces through them (``fp8_attention`` is one
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_attention import SUPPORTED_HEAD_DIMS, fp8_attention
+from .reference import fp8_attention_reference
 
 log = logging.getLogger("cdm_kernels")
 
-MODES = ("fp8_no_grad", "bf16")
+MODES = ("fp8_no_grad", "fp8_emulated_no_grad", "bf16")
 _ORIGINALS_ATTR = "_cdm_attn_original_processors"
 
 
@@ -55,11 +59,16 @@ class _FP8ProcessorBase:
         self.mode = mode
 
     def _use_fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> bool:
-        if self.mode != "fp8_no_grad" or attention_mask is not None:
+        if self.mode == "bf16" or attention_mask is not None:
             return False
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return False
-        return q.shape[-1] in SUPPORTED_HEAD_DIMS
+        return self.mode == "fp8_emulated_no_grad" or q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+    def _fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp8_emulated_no_grad":
+            return fp8_attention_reference(q, k, v).to(q.dtype)
+        return fp8_attention(q, k, v)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
@@ -122,7 +131,7 @@ class CDMJointAttnProcessor(_FP8ProcessorBase):
             value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
 
         if self._use_fp8(query, key, value):
-            hidden_states = fp8_attention(query, key, value)
+            hidden_states = self._fp8(query, key, value)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -198,7 +207,7 @@ class CDMFluxAttnProcessor(_FP8ProcessorBase):
 
         if self._use_fp8(query, key, value, attention_mask) and self._parallel_config is None:
             # (B, S, H, D) -> (B, H, S, D) views; the output's memory is (B, S, H, D) already.
-            hidden_states = fp8_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+            hidden_states = self._fp8(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
             hidden_states = hidden_states.transpose(1, 2)
         else:
             hidden_states = self._dispatch_attention_fn(
@@ -251,7 +260,8 @@ def patch_attention(model: torch.nn.Module, mode: str = "fp8_no_grad") -> dict[s
     """Install our attention processors on every SD3/Flux attention module of `model`.
 
     mode "fp8_no_grad": FP8 attention whenever no gradient flows through the attention, SDPA
-    otherwise; "bf16": always the stock SDPA call (bit-identical to diffusers). Patching an
+    otherwise; "fp8_emulated_no_grad": the same with the kernel's PyTorch twin (any device and head
+    dim; for quality studies); "bf16": always the stock SDPA call (bit-identical to diffusers). Patching an
     already patched model only changes the mode. Works on any nn.Module containing diffusers
     attention modules (a bare transformer or a wrapper around one).
 
