@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+RUN_CONFIG_NAME = "config.yaml"  # the resolved config of a run, next to its checkpoint
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -35,6 +36,20 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 

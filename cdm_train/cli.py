@@ -15,7 +15,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from .checkpoint import RUN_CONFIG_NAME
 from .config import ConfigError, make_config, reference_mode, to_yaml
 from .presets import PRESETS
 
@@ -94,29 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args):
-    overrides = list(args.overrides)
+def _train_config(args, default_preset: str = "digits"):
+    """Defaults <- preset <- --config <- --set <- the flags, built once (see config.make_config)."""
     flag_map = {"steps": "train.steps", "out": "train.out_dir", "device": "train.device",
                 "batch_size": "train.batch_size", "backend": "speed.backend"}
-    cfg = make_config(args.preset or ("digits" if args.config is None else None), args.config, overrides)
-    extra = []
-    for attr, key in flag_map.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            extra.append(f"{key}={value}")
-    if args.no_progress:
+    extra = [f"{key}={getattr(args, attr)}" for attr, key in flag_map.items() if getattr(args, attr, None) is not None]
+    if getattr(args, "no_progress", False):
         extra.append("train.progress=false")
-    if extra:
-        cfg = make_config(cfg.model.preset, args.config, overrides + extra)
-    if args.reference_mode:
+    cfg = make_config(args.preset, args.config, list(args.overrides) + extra, default_preset=default_preset)
+    if getattr(args, "reference_mode", False):
         reference_mode(cfg)
     return cfg
+
+
+def _run_dir_of(resume: str, out: str | None) -> Path:
+    """The run directory `--resume [PATH]` refers to (PATH may be a checkpoint file or a run dir)."""
+    if resume:
+        path = Path(resume)
+        return path.parent if path.is_file() or path.suffix == ".pt" else path
+    if out:
+        return Path(out)
+    return Path(make_config(default_preset="digits").train.out_dir)
+
+
+def _resume_config(args):
+    """`--resume` without --preset/--config: the run's own config (its config.yaml) <- --set <- the flags."""
+    run_dir = _run_dir_of(args.resume, args.out)
+    saved = run_dir / RUN_CONFIG_NAME
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {str(saved)!r} not found, so the run's config is unknown; pass the config the "
+                          f"run was started with (--preset/--config/--set) or --out of a run directory")
+    flags = argparse.Namespace(**{**vars(args), "preset": None, "config": str(saved)})
+    if not args.out:
+        flags.out = str(run_dir)
+    return _train_config(flags)
 
 
 def cmd_train(args) -> int:
     from .trainer import Trainer, TrainingDiverged
 
-    cfg = _train_config(args)
+    own_config = args.preset is None and args.config is None
+    cfg = _resume_config(args) if args.resume is not None and own_config else _train_config(args)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be >= 1")
@@ -137,7 +157,7 @@ def cmd_train(args) -> int:
         return 130 if summary["interrupted"] else 0
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     if summary["interrupted"]:
-        print(f"stopped at step {summary['steps']}; resume with: cdm-train train ... --out {cfg.train.out_dir} "
+        print(f"stopped at step {summary['steps']}; resume with: cdm-train train --out {cfg.train.out_dir} "
               f"--resume", file=sys.stderr)
         return 130
     return 0
@@ -192,7 +212,7 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_config(args) -> int:
-    cfg = make_config(args.preset or ("digits" if args.config is None else None), args.config, args.overrides)
+    cfg = make_config(args.preset, args.config, args.overrides, default_preset="digits")
     print(to_yaml(cfg), end="")
     return 0
 

@@ -8,6 +8,7 @@ keys and bad values raise ConfigError naming the key; the CLI turns it into exit
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,28 +207,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model, schedule, loss, "
+                          f"optim, speed, train), got {type(data).__name__}")
     return data or {}
 
 
 def make_config(preset: str | None = None, config_file: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Defaults <- preset <- YAML file <- overrides, then validated."""
+                overrides: list[str] | dict[str, Any] | None = None, *, default_preset: str | None = None) -> Config:
+    """Defaults <- preset <- YAML file <- overrides, then validated.
+
+    The preset whose values are applied is the one the finished config names: the last
+    ``model.preset`` override, else the file's ``model.preset``, else ``preset``, else
+    ``default_preset``, else the dataclass default. So a config never carries the values of
+    one preset under the name of another, however the layers are combined.
+    """
     from .presets import PRESETS
 
-    cfg = Config()
     file_data = load_yaml(config_file) if config_file is not None else {}
-    if preset is None and isinstance(file_data, dict) and isinstance(file_data.get("model"), dict):
-        preset = file_data["model"].get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset: unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
-        apply_dict(cfg, PRESETS[preset], f"preset {preset}")
-        cfg.model.preset = preset
+    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    chosen = preset
+    file_model = file_data.get("model")
+    if isinstance(file_model, dict) and "preset" in file_model:
+        chosen = file_model["preset"]
+    for key, value in items:
+        if key == "model.preset":
+            chosen = value
+    if chosen is None:
+        chosen = default_preset or Config().model.preset
+    if not isinstance(chosen, str) or chosen not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {chosen!r} (presets: {', '.join(PRESETS)})")
+    cfg = Config()
+    apply_dict(cfg, PRESETS[chosen], f"preset {chosen}")
+    cfg.model.preset = chosen
     apply_dict(cfg, file_data, str(config_file))
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for key, value in items:
         set_value(cfg, key, value)
     validate(cfg)
@@ -283,7 +301,8 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+    _require(isinstance(t.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+             "train.device",
              "must be auto, cpu, cuda or cuda:N")
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

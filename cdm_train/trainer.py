@@ -28,7 +28,8 @@ import torch
 import cdm_kernels as ck
 
 from . import checkpoint as ckpt
-from .config import Config
+from .checkpoint import RUN_CONFIG_NAME
+from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
 from .ema import EMA
 from .graphs import apply_graph_switches
@@ -183,10 +184,16 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path | None = None) -> None:
-        if self.parallel.enabled:
-            self.parallel.load_checkpoint(self, path)
-        else:
-            self.load_state_dict(ckpt.load(path if path is not None else self.out_dir, map_location=self.device))
+        try:
+            if self.parallel.enabled:
+                self.parallel.load_checkpoint(self, path)
+            else:
+                self.load_state_dict(ckpt.load(path if path is not None else self.out_dir, map_location=self.device))
+        except (RuntimeError, KeyError, ValueError) as exc:  # a checkpoint of another model or config
+            raise ConfigError(f"cannot resume from {str(path or self.out_dir)!r} with this config (model.preset "
+                              f"{self.cfg.model.preset!r}): the checkpoint was written by a different model or "
+                              f"configuration. Resume with the run's own config (drop --preset/--config). "
+                              f"Details: {str(exc).splitlines()[0][:300]}") from None
         log.info("resumed from step %d", self.step)
 
     # ----------------------------------------------------------------------------------- the loop
@@ -203,6 +210,8 @@ class Trainer:
         total = cfg.steps if steps is None else steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
         main = self.parallel.is_main  # rank 0 writes logs, tensorboard and the progress bar
+        if main:  # what `cdm-train train --out DIR --resume` rebuilds the run from
+            ckpt.write_text_atomic(self.out_dir / RUN_CONFIG_NAME, to_yaml(self.cfg))
         log_file = (self.out_dir / "log.jsonl").open("a") if main else None
         writer = self._tensorboard() if main else None
         previous_handler = None

@@ -74,3 +74,46 @@ def test_config_command_prints_resolved_yaml(capsys):
     assert main(["config", "--preset", "tiny", "--set", "train.steps=5"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["train"]["steps"] == 5 and data["model"]["preset"] == "tiny"
+
+
+def _cli_config(argv):
+    from cdm_train.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(["train", *argv]))
+
+
+def test_flags_change_only_their_own_keys(tmp_path):
+    f = tmp_path / "plain.yaml"
+    f.write_text("train: {batch_size: 3}\n")  # no model.preset: the CLI's default preset (digits)
+    base, flagged = _cli_config(["--config", str(f)]), _cli_config(["--config", str(f), "--steps", "1000"])
+    assert flagged.train.steps == 1000 and base.model.preset == flagged.model.preset == "digits"
+    base.train.steps = 1000
+    assert base.to_dict() == flagged.to_dict()
+    tiny = _cli_config(["--preset", "tiny"])
+    assert _cli_config(["--preset", "tiny", "--out", str(tmp_path), "--no-progress"]).schedule == tiny.schedule
+
+
+def test_the_named_preset_is_the_applied_preset():
+    """--set model.preset=X applies X's values: never one preset's values under another's name."""
+    digits = make_config("digits")
+    switched = _cli_config(["--preset", "tiny", "--set", "model.preset=digits"])
+    assert switched.to_dict() == digits.to_dict()
+    assert _cli_config(["--preset", "tiny", "--set", "model.preset=digits", "--steps", "5"]).schedule == digits.schedule
+
+
+@pytest.mark.parametrize("text, key", [
+    (b"train: {steps: 3}\n\xff\xfe", "UTF-8"),
+    (b"model: {preset: [1]}\n", "model.preset"),
+    (b"- just\n- a list\n", "mapping"),
+])
+def test_cli_more_bad_config_files_exit_2(tmp_path, capsys, text, key):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(text)
+    assert main(["train", "--config", str(f)]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_bad_device_names_the_key():
+    with pytest.raises(ConfigError, match=r"train\.device"):
+        make_config("tiny", overrides=["train.device=cuda:x"])
+    assert make_config("tiny", overrides=["train.device=cuda:1"]).train.device == "cuda:1"

@@ -143,6 +143,22 @@ def test_cli_train_and_sample(tmp_path):
     assert load(out)["step"] == 6
 
 
+def test_cli_resume_uses_the_runs_own_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--no-progress",
+                 "--set", "train.tensorboard=false", "--set", "optim.student_lr=3e-4"]) == 0
+    # Bare `--out DIR --resume` (what the Ctrl-C message suggests): the tiny run, not the digits default.
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    state = load(out)
+    assert state["step"] == 3 and state["config"]["model"]["preset"] == "tiny"
+    assert state["config"]["optim"]["student_lr"] == 3e-4 and state["config"]["train"]["steps"] == 3
+    capsys.readouterr()
+    # A different model: a clear config error (exit 2), not a state_dict traceback.
+    assert main(["train", "--preset", "digits", "--out", str(out), "--resume", "--steps", "4", "--no-progress"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume", "--no-progress"]) == 2
+
+
 def test_fp8_switches_patch_only_the_no_grad_passes(tmp_path):
     from cdm_kernels.attention import is_patched
 
