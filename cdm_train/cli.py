@@ -74,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a shortened run (for smoke tests)")
 
     tt = sub.add_parser("train-teacher", help="train the digits teacher (flow matching on sklearn digits)")
-    tt.add_argument("--out", default=None, help="checkpoint path (default: the package's cached teacher path)")
+    tt.add_argument("--out", default="runs/digits_teacher.pt",
+                    help="checkpoint path (default runs/digits_teacher.pt; the shipped teacher is not overwritten)")
     tt.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped teacher's)")
     tt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    tt.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as the shipped teacher was trained)")
+    tt.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("encode-prompts", help="precompute text embeddings (SD3 / Flux text encoders) for training",
                        description="Encode a prompt file with the pipeline's own text encoders into sharded "
@@ -204,10 +208,15 @@ def cmd_demo(args) -> int:
 def cmd_train_teacher(args) -> int:
     from .digits import train_teacher
 
-    kwargs = {"seed": args.seed}
+    if args.threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    kwargs = {"seed": args.seed, "num_threads": args.threads, "progress": not args.no_progress}
     if args.steps is not None:
+        if args.steps < 1:
+            raise ConfigError("--steps must be >= 1")
         kwargs["steps"] = args.steps
     train_teacher(args.out, **kwargs)
+    print(f"wrote {args.out}; use it with: cdm-train train --set model.teacher_path={args.out}")
     return 0
 
 

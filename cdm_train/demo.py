@@ -11,12 +11,13 @@ See docs/demo.md for the numbers of a full run and the reasons behind the preset
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .jsonutil import dumps as json_dumps
 
 STUDENT_STEPS = (1, 2, 4, 8)
 QUICK_TRAIN_STEPS = 200  # the shortened run of tests/test_demo.py (the full run: the preset's 400)
@@ -50,7 +51,7 @@ def distill(out_dir: str | Path, teacher_path: str | Path | None = None, overrid
         base.append(f"model.teacher_path={Path(teacher_path)}")
     cfg = make_config("digits", overrides=base + list(overrides or []))
     trainer = Trainer(cfg)
-    trainer.train()
+    trainer.summary = trainer.train()
     return trainer
 
 
@@ -136,6 +137,10 @@ def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress
     t0 = time.perf_counter()
     trainer = distill(out / "distill", tpath, extra + list(overrides or []), progress=progress)
     distill_s = time.perf_counter() - t0
+    if trainer.summary["interrupted"]:  # Ctrl-C: no report on a half-trained student
+        print(f"demo interrupted at distillation step {trainer.step}; checkpoint in {out / 'distill'}; "
+              "no report written")
+        raise KeyboardInterrupt
     student = trainer.ema.module.eval()
 
     gs = EVAL_GUIDANCE_SCALE
@@ -161,7 +166,7 @@ def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress
     rows = [t50_img[firsts], t4_img[firsts]] + [student_img[k][firsts] for k in STUDENT_STEPS]
     save_grid(torch.cat(rows), out / "samples.png", nrow=10)
     report["wall_clock_s"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json_dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_report_md(report))
     if progress:
         print(_report_md(report))

@@ -15,7 +15,6 @@ whether to skip the step (the same sync torch.amp.GradScaler makes).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -33,6 +32,7 @@ from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
 from .ema import EMA
 from .graphs import apply_graph_switches
+from .jsonutil import dumps as json_dumps
 from .monitor import GpuMonitor
 from .presets import Models, build_models, resolve_device
 from .rng import capture_global_rng, restore_global_rng, step_random
@@ -67,6 +67,7 @@ class Trainer:
         self.monitor = GpuMonitor(self.device)  # silently off without pynvml or a GPU
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
+                         "nfe_saved_early_exit": 0,
                          "student_updates": 0, "fake_updates": 0}
         self.out_dir = Path(cfg.train.out_dir)
         self._stop_requested = False
@@ -131,6 +132,8 @@ class Trainer:
         self.parallel.end_step(m)
         self.counters["nfe_rollout"] += ro.nfe
         self.counters["nfe_total"] += nfe
+        # What early exit saved: without it every sample runs every rollout step.
+        self.counters["nfe_saved_early_exit"] += batch * ro.num_steps - ro.nfe
         if self._iteration_nonfinite:
             self.counters["nonfinite_in_a_row"] += 1
             if self.counters["nonfinite_in_a_row"] >= self.cfg.train.max_nonfinite:
@@ -233,8 +236,11 @@ class Trainer:
                 nfe_window += stats["nfe_rollout"]
                 for k in LOSS_KEYS:
                     if k in stats:
-                        sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
-                        counts[k] = counts.get(k, 0) + 1
+                        # Device-side: a skipped (non-finite) step is left out of the window's mean, no sync.
+                        finite = torch.isfinite(stats[k])
+                        value = torch.where(finite, stats[k].float(), torch.zeros_like(stats[k], dtype=torch.float))
+                        sums[k] = sums[k] + value if k in sums else value
+                        counts[k] = counts[k] + finite.float() if k in counts else finite.float()
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == total:
                     last_record = self._log(sums, counts, steps_in_window, nfe_window, t_window, log_file,
@@ -261,15 +267,17 @@ class Trainer:
     def _log(self, sums, counts, steps, nfe, t0, log_file, writer, bar) -> dict[str, Any]:
         keys = [k for k in LOSS_KEYS if k in sums]
         # One sync; under train.parallel the mean over ranks (every rank calls _log at the same steps).
-        values = self.parallel.mean(torch.stack([sums[k].float() / counts[k] for k in keys])).tolist() if keys else []
+        # A window of only skipped steps gives 0/0 = NaN, logged as null.
+        values = self.parallel.mean(torch.stack([sums[k] / counts[k] for k in keys])).tolist() if keys else []
         record: dict[str, Any] = {"step": self.step}
         record.update({k: v for k, v in zip(keys, values)})
         elapsed = time.perf_counter() - t0
         record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
+                      nfe_saved_early_exit=self.counters["nfe_saved_early_exit"],
                       nonfinite_total=self.counters["nonfinite_total"])
         record.update(self.monitor.read())
         if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json_dumps(record) + "\n")
             log_file.flush()
         self.history.append(record)
         if writer is not None:

@@ -181,3 +181,77 @@ def test_fp8_emulate_switch_installs_the_reference_twin(tmp_path):
     assert not any(hasattr(p, "mode") for p in tr.models.student.attn_processors.values())  # switch off: stock
     stats = tr.train_step()
     assert torch.isfinite(stats["loss_fake"])
+
+
+def _params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_trainer_wiring_merge_ema_and_update_ratio(tmp_path):
+    """The real train_step: fake <- d*fake + (1-d)*student after every fake step, EMA <- e*EMA + (1-e)*student
+    after every student step, the student step on every update_ratio-th iteration only.
+
+    Learning rates 0 (set on the optimizers) make the AdamW steps identities (decoupled weight decay is
+    lr*wd = 0), so the expected weights are exact formulas of the weights before the iteration.
+    """
+    d, e = 0.9, 0.5
+    tr = Trainer(tiny_config(tmp_path, f"optim.fake_merge_decay={d}", f"optim.ema_decay={e}", "optim.update_ratio=2",
+                             "schedule.max_steps=2", "train.batch_size=2"))
+    for opt in (tr.student_opt, tr.fake_opt):  # the config insists on lr > 0; set it on the optimizers
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    m = tr.models
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # make fake, student and EMA differ so every formula is non-trivial
+        for net in (m.fake, tr.ema.module):
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    fake0, student0, ema0 = _params(m.fake), _params(m.student), _params(tr.ema.module)
+
+    tr.train_step()  # step 0: fake step + merge, no student step
+    tr.step += 1
+    assert tr.counters["fake_updates"] == 1 and tr.counters["student_updates"] == 0
+    for f, f0, s0 in zip(m.fake.parameters(), fake0, student0):
+        torch.testing.assert_close(f.detach(), d * f0 + (1 - d) * s0, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(_params(tr.ema.module), ema0))  # EMA waits for a student step
+    fake1 = _params(m.fake)
+
+    tr.train_step()  # step 1: fake step + merge, then the student step and the EMA
+    assert tr.counters["fake_updates"] == 2 and tr.counters["student_updates"] == 1
+    for f, f1, s0 in zip(m.fake.parameters(), fake1, student0):
+        torch.testing.assert_close(f.detach(), d * f1 + (1 - d) * s0, rtol=1e-6, atol=1e-7)
+    for a, a0, s0 in zip(tr.ema.module.parameters(), ema0, student0):
+        torch.testing.assert_close(a.detach(), e * a0 + (1 - e) * s0, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(_params(m.student), student0))  # lr 0: the student is unchanged
+
+
+def test_early_exit_saving_is_counted(tmp_path):
+    on = Trainer(tiny_config(tmp_path / "on", "train.batch_size=4"))
+    off = Trainer(tiny_config(tmp_path / "off", "train.batch_size=4", "speed.early_exit_rollout=false"))
+    for tr in (on, off):
+        for _ in range(3):
+            stats = tr.train_step()
+            tr.step += 1
+    assert off.counters["nfe_saved_early_exit"] == 0
+    # Same seeds, same schedules: the saving is exactly the difference in rollout NFE.
+    assert on.counters["nfe_saved_early_exit"] == off.counters["nfe_rollout"] - on.counters["nfe_rollout"] > 0
+    assert stats["rollout_steps"] >= 1
+
+
+def test_log_survives_a_skipped_step(tmp_path, monkeypatch):
+    """A non-finite (skipped) step is left out of the window's mean; the log stays valid JSON."""
+    real = trainer_mod.fake_teacher_loss
+    calls = {"n": 0}
+
+    def nan_once(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer_mod, "fake_teacher_loss", nan_once)
+    tr = Trainer(tiny_config(tmp_path, "train.log_every=3", "train.steps=3", "train.batch_size=2",
+                             "schedule.max_steps=2"))
+    tr.train()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1], parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+    assert record["nonfinite_total"] == 1 and record["loss_fake"] is not None and record["loss_fake"] > 0
