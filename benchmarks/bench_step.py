@@ -4,7 +4,12 @@ Both modes run the same iterations (same seeds, hence the same schedules, indice
 noise); the reference mode has every acceleration off, the fast mode every one on.
 
     python benchmarks/bench_step.py --device cpu --preset tiny
-    python benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 --batch 4 --layers 24
+    python benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 --batch 4 --layers 10 \
+        --only reference
+
+On one 80 GB GPU run one mode per process (--only) at a depth that fits: full depth (24 layers)
+does not fit even one trainer at 1024 px; `memory_distributed.py --bench-step` sizes --layers
+(RESULTS_e2e.md lists the commands).
 
 Prints a table, then as the last line a JSON object:
 {"reference_ms", "fast_ms", "speedup", "nfe_reference", "nfe_fast", ...}.
@@ -13,16 +18,28 @@ Graphs / overlap / compile (docs/graphs.md, RESULTS_e2e.md):
     --all-switches   fast mode also turns on FP8 no-grad passes, CUDA graphs, two-stream overlap,
                      rollout graphs and (with --compile) regional compile of the student
     --compile        fast mode compiles the student's transformer blocks; compile time is reported
-                     separately (the warm-up iterations), never mixed into the steady-state median
+                     separately (see "Capture / compile in timed iterations" below)
     --ablate A,B|all one extra mode per switch: fast mode with that one switch off (run one mode at a
                      time after the main pair, so peak memory stays that of one trainer)
 Per phase (rollout / fake step / student step) times come from CUDA events (host timers on CPU);
 GPU utilisation comes from cdm_train.monitor (nvidia-ml-py) and is blank without it.
+
+Capture / compile in timed iterations: every iteration k draws its own schedule length and
+trajectory indices, hence its own rollout batch sizes, so a timed iteration can meet a shape
+the --warmup iterations did not (a new CUDA graph, a recompile, an inductor CUDA-graph
+recording). Each timed iteration counts the events that happen inside it: GraphedForward
+captures (graph_stats) and torch.compile events (dynamo's compile-start callbacks: new frames,
+lazy backward compiles, CUDA-graph-tree recordings). An iteration with any event is run again
+(the same step, after the loop; --retime-passes, default 2) and its clean time replaces the
+first; one still not clean after that is left out of the median. The counts are in the table
+("events" column) and the JSON ("timed_events"); the first-time cost of the re-timed
+iterations is added to compile_capture_ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -124,23 +141,72 @@ class PhaseMarks:
 PHASES = PhaseMarks()
 
 
-def time_step(tr: Trainer, k: int, monitor: GpuMonitor | None = None) -> tuple[float, int, int, dict]:
+class EventWatch:
+    """Counts capture / compile events: GraphedForward captures of a trainer, torch.compile events globally.
+
+    Compile events come from dynamo's compile-start callbacks (one per outermost event: a frame
+    traced, a lazy backward compile, an inductor CUDA-graph-tree recording), by trigger name.
+    """
+
+    def __init__(self):
+        self.compiles: dict[str, int] = {}
+        self.available = False
+        try:
+            from torch._dynamo.callback import callback_handler
+
+            callback_handler.register_start_callback(self._on_start)
+            self._handler = callback_handler
+            self.available = True
+        except Exception:  # noqa: BLE001 - older/newer torch without the hook: captures are still counted
+            self._handler = None
+
+    def _on_start(self, args) -> None:
+        name = getattr(getattr(args, "callback_trigger", None), "name", "compile").lower()
+        self.compiles[name] = self.compiles.get(name, 0) + 1
+
+    def close(self) -> None:
+        if self._handler is not None:
+            try:
+                self._handler.remove_start_callback(self._on_start)
+            except ValueError:
+                pass
+            self._handler = None
+
+    def snapshot(self, tr: Trainer) -> tuple[int, dict[str, int]]:
+        captures = sum(int(s.get("captures", 0)) for s in graph_stats(tr.models).values())
+        return captures, dict(self.compiles)
+
+    @staticmethod
+    def delta(before: tuple[int, dict], after: tuple[int, dict]) -> dict[str, int]:
+        out = {"captures": after[0] - before[0]}
+        for name, n in after[1].items():
+            if n - before[1].get(name, 0):
+                out[f"compile_{name}"] = n - before[1].get(name, 0)
+        return {k: v for k, v in out.items() if v}
+
+
+WATCH = EventWatch()
+
+
+def time_step(tr: Trainer, k: int, monitor: GpuMonitor | None = None) -> tuple[float, int, int, dict, dict]:
     tr.step = k  # the same per-step randomness in both modes
     before = tr.counters["nfe_total"]
     _sync(tr.device)
     if monitor is not None:
         monitor.read()  # start this step's utilisation window
     PHASES.device, PHASES.marks = tr.device, {}
+    events_before = WATCH.snapshot(tr)
     t0 = time.perf_counter()
     PHASES.mark("start")
     stats = tr.train_step()
     PHASES.mark("end")
     _sync(tr.device)
     ms = (time.perf_counter() - t0) * 1e3
+    events = EventWatch.delta(events_before, WATCH.snapshot(tr))
     extra = PHASES.phases_ms()
     if monitor is not None:
         extra.update(monitor.read())
-    return ms, tr.counters["nfe_total"] - before, stats["nfe_rollout"], extra
+    return ms, tr.counters["nfe_total"] - before, stats["nfe_rollout"], extra, events
 
 
 def run(args) -> dict:
@@ -168,7 +234,8 @@ def _ablations(args) -> list[str]:
 
 def _run_modes(args, modes) -> dict:
     trainers = {mode: build(mode, args) for mode in modes}
-    rec = {mode: {"t": [], "nfe": [], "ro": [], "warm": [], "extra": []} for mode in trainers}
+    rec = {mode: {"t": [], "nfe": [], "ro": [], "warm": [], "extra": [], "steps": [], "events": []}
+           for mode in trainers}
     monitor = None
     for tr in trainers.values():
         if tr.device.type == "cuda":
@@ -176,35 +243,89 @@ def _run_modes(args, modes) -> dict:
             monitor = monitor or GpuMonitor(tr.device)
     for k in range(args.warmup + args.iters):
         for mode, tr in trainers.items():
-            ms, nfe, ro, extra = time_step(tr, k, monitor)
+            ms, nfe, ro, extra, events = time_step(tr, k, monitor)
             if k >= args.warmup:
-                rec[mode]["t"].append(ms)
-                rec[mode]["nfe"].append(nfe)
-                rec[mode]["ro"].append(ro)
-                rec[mode]["extra"].append(extra)
+                r = rec[mode]
+                r["t"].append(ms)
+                r["nfe"].append(nfe)
+                r["ro"].append(ro)
+                r["extra"].append(extra)
+                r["steps"].append(k)
+                r["events"].append(events)
             else:  # compile, graph capture, autotuning and lazy init land here
                 rec[mode]["warm"].append(ms)
     out = {}
     for mode, r in rec.items():
-        # With both modes on one GPU the peak is the pair's; use --only MODE for one mode's peak memory.
         tr = trainers[mode]
+        timed_events = _retime(args, tr, r, monitor)
+        clean = [i for i, e in enumerate(r["events"]) if not e]
+        if not clean:  # every timed iteration had a capture / compile: report them all, flagged
+            clean = list(range(len(r["t"])))
+        times = [r["t"][i] for i in clean]
+        # With both modes on one GPU the peak is the pair's; use --only MODE for one mode's peak memory.
         peak = torch.cuda.max_memory_allocated(tr.device) / 2**30 if tr.device.type == "cuda" else None
-        median = statistics.median(r["t"])
-        keys = sorted({k for e in r["extra"] for k in e})
-        extra = {k: statistics.median([e[k] for e in r["extra"] if k in e]) for k in keys}
-        out[mode] = {"median_ms": median, "mean_ms": statistics.fmean(r["t"]),
-                     "total_ms": sum(r["t"]), "nfe": statistics.fmean(r["nfe"]),
+        median = statistics.median(times)
+        extras = [r["extra"][i] for i in clean]
+        keys = sorted({k for e in extras for k in e})
+        extra = {k: statistics.median([e[k] for e in extras if k in e]) for k in keys}
+        out[mode] = {"median_ms": median, "mean_ms": statistics.fmean(times),
+                     "total_ms": sum(times), "nfe": statistics.fmean(r["nfe"]),
                      "nfe_rollout": statistics.fmean(r["ro"]), "peak_gib": peak, "backend": tr.cfg.speed.backend,
                      "warmup_ms": r["warm"],
-                     # first-iterations cost beyond steady state: compile + capture + autotune (+ lazy init)
-                     "compile_capture_ms": sum(r["warm"]) - median * len(r["warm"]),
-                     "phases_ms": {k: extra[k] for k in ("rollout", "fake_step", "student_step")},
+                     # first-iterations cost beyond steady state: compile + capture + autotune (+ lazy init),
+                     # in the warm-up and in timed iterations that met a new shape (their re-timed difference)
+                     "compile_capture_ms": sum(r["warm"]) - median * len(r["warm"]) + timed_events["first_time_ms"],
+                     "timed_events": timed_events,
+                     "phases_ms": {k: extra.get(k, 0.0) for k in ("rollout", "fake_step", "student_step")},
                      "gpu": {k: v for k, v in extra.items() if k.startswith(("gpu_", "torch_"))},
                      "graphs": graph_stats(tr.models)}
-    del trainers
+    del tr, trainers
+    gc.collect()  # trainers hold reference cycles (adapters, graphs): free them before the next mode is built
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def _retime(args, tr: Trainer, r: dict, monitor) -> dict:
+    """Re-run the timed iterations that had a capture / compile (same step) until clean; summarise.
+
+    Replaces r's entries of an iteration that comes out clean; one that never does keeps its
+    events and is left out of the median by the caller.
+    """
+    flagged = [i for i, e in enumerate(r["events"]) if e]
+    totals: dict[str, int] = {}
+    for i in flagged:
+        for name, n in r["events"][i].items():
+            totals[name] = totals.get(name, 0) + n
+    first_time_ms = 0.0
+    retimed = 0
+    for _ in range(args.retime_passes):
+        pending = [i for i in flagged if r["events"][i]]
+        for i in pending:
+            first = r["t"][i]
+            ms, nfe, ro, extra, events = time_step(tr, r["steps"][i], monitor)
+            if events:
+                for name, n in events.items():
+                    totals[name] = totals.get(name, 0) + n
+                r["events"][i] = events
+                continue
+            first_time_ms += first - ms
+            retimed += 1
+            r["t"][i], r["nfe"][i], r["ro"][i], r["extra"][i], r["events"][i] = ms, nfe, ro, extra, {}
+    excluded = sum(1 for e in r["events"] if e)
+    return {"iterations": len(flagged), "events": totals, "retimed": retimed,
+            "excluded": excluded if excluded < len(r["events"]) else 0,
+            "all_flagged": excluded == len(r["events"]) and excluded > 0,
+            "first_time_ms": first_time_ms, "compile_hook": WATCH.available}
+
+
+def _events_cell(te: dict) -> str:
+    if not te["iterations"]:
+        return "0" if te["compile_hook"] else "0 (captures only)"
+    what = ",".join(f"{k}={v}" for k, v in sorted(te["events"].items()))
+    if te["all_flagged"]:
+        return f"{te['iterations']} it ({what}) ALL FLAGGED, median includes them"
+    return f"{te['iterations']} it ({what}) {te['retimed']} re-timed {te['excluded']} excluded"
 
 
 def main(argv=None) -> int:
@@ -216,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=30, help="timed iterations per mode")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--retime-passes", type=int, default=2,
+                   help="re-runs of a timed iteration that had a graph capture / compile (0: just exclude it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out-dir", default="/tmp/cdm-bench-step")
     p.add_argument("--only", choices=["reference", "fast"], default=None,
@@ -238,12 +361,13 @@ def main(argv=None) -> int:
         print(f"{mode:<10} {r['median_ms']:>10.2f} {r['mean_ms']:>10.2f} {r['nfe']:>8.1f} {r['nfe_rollout']:>12.1f} "
               f"{peak:>9} {r['backend']}")
     print(f"\n{'mode':<34} {'rollout ms':>10} {'fake ms':>9} {'student ms':>10} {'warm-up ms':>11} "
-          f"{'GPU util %':>10} {'util min %':>10} {'power W':>8}")
+          f"{'GPU util %':>10} {'util min %':>10} {'power W':>8}  capture/compile events in timed iterations")
     for mode, r in results.items():
         ph, g = r["phases_ms"], r["gpu"]
         cells = [f"{g[k]:.0f}" if k in g else "-" for k in ("gpu_util_pct", "gpu_util_min_pct", "gpu_power_w")]
         print(f"{mode:<34} {ph['rollout']:>10.2f} {ph['fake_step']:>9.2f} {ph['student_step']:>10.2f} "
-              f"{sum(r['warmup_ms']):>11.1f} {cells[0]:>10} {cells[1]:>10} {cells[2]:>8}")
+              f"{sum(r['warmup_ms']):>11.1f} {cells[0]:>10} {cells[1]:>10} {cells[2]:>8}  "
+              f"{_events_cell(r['timed_events'])}")
     if len(results) > 2 or args.only is None:
         base = results.get("fast")
         for mode, r in results.items():
@@ -252,7 +376,12 @@ def main(argv=None) -> int:
     if args.only:
         r = results[args.only]
         print(json.dumps({f"{args.only}_ms": r["median_ms"], f"nfe_{args.only}": r["nfe"],
-                          f"peak_gib_{args.only}": r["peak_gib"]}))
+                          f"peak_gib_{args.only}": r["peak_gib"], "layers": args.layers,
+                          "phases_ms": {mode: x["phases_ms"] for mode, x in results.items()},
+                          "compile_capture_ms": {mode: x["compile_capture_ms"] for mode, x in results.items()},
+                          "timed_events": {mode: x["timed_events"] for mode, x in results.items()},
+                          "ablation_ms": {mode: x["median_ms"] for mode, x in results.items()
+                                          if mode.startswith("fast-no-")}}))
         return 0
     ref, fast = results["reference"], results["fast"]
     summary = {"reference_ms": ref["median_ms"], "fast_ms": fast["median_ms"],
@@ -262,6 +391,7 @@ def main(argv=None) -> int:
                "peak_gib_fast": fast["peak_gib"],
                "phases_ms": {mode: r["phases_ms"] for mode, r in results.items()},
                "compile_capture_ms": {mode: r["compile_capture_ms"] for mode, r in results.items()},
+               "timed_events": {mode: r["timed_events"] for mode, r in results.items()},
                "gpu": {mode: r["gpu"] for mode, r in results.items()},
                "ablation_ms": {mode: r["median_ms"] for mode, r in results.items() if mode.startswith("fast-no-")}}
     print(json.dumps(summary))

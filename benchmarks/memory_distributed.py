@@ -1,6 +1,12 @@
-"""Computed (not measured) peak memory per GPU for CDM on SD3-Medium at 1024 px, DDP vs FSDP2.
+"""Computed (not measured) peak memory per GPU for CDM on SD3-Medium, DDP vs FSDP2, and bench sizing.
 
-    python benchmarks/memory_distributed.py [--batch 4] [--markdown]
+    python benchmarks/memory_distributed.py [--batch 4] [--markdown FILE]
+    python benchmarks/memory_distributed.py --bench-step [--budget-gib 60] [--markdown FILE]
+
+The first form prints the distributed table (1024 px, N = 1, 2, 4, 8 ranks); `--bench-step`
+prints, for each `bench_step.py` row of RESULTS_e2e.md (512 / 1024 px, batch 4 / 16), the
+deepest `--layers` whose single-GPU estimate (one trainer, `parallel: none`) fits the budget.
+`--markdown FILE` also appends the printed table(s) to FILE (created if missing).
 
 Parameter counts come from the real architecture instantiated on the meta device; activation
 sizes from a per-token estimate (see RESULTS_distributed.md for the formula and its assumptions).
@@ -15,12 +21,14 @@ import torch
 GiB = 1024**3
 
 
-def sd3_medium_counts(resolution: int = 1024) -> dict[str, int]:
+def sd3_medium_counts(resolution: int = 1024, layers: int | None = None) -> dict[str, int]:
     from diffusers import SD3Transformer2DModel
 
     from cdm_train.presets import SD3_MEDIUM_ARCH, SD3_TEXT_TOKENS
 
     arch = dict(SD3_MEDIUM_ARCH, sample_size=resolution // 8)
+    if layers is not None:  # sd3-medium-shape's model.layers
+        arch["num_layers"] = layers
     with torch.device("meta"):
         model = SD3Transformer2DModel(**arch)
     params = sum(p.numel() for p in model.parameters())
@@ -59,21 +67,85 @@ def peak_bytes(c: dict[str, int], mode: str, world: int, batch: int, grad_ckpt: 
             "total": (states + working + act) / GiB}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=4, help="samples per rank (train.batch_size)")
-    args = ap.parse_args()
+# One trainer on one GPU (bench_step.py, `parallel: none`): 38 P of states (see peak_bytes) plus the
+# activations of the student step's forwards with gradient: 3 in reference mode (separate CA, DM and CDM
+# forwards: shared_student_forward off), 2 in fast mode (one shared CA/DM forward + CDM).
+BENCH_GRAD_FORWARDS = {"reference": 3, "fast": 2}
+BENCH_ROWS = ((512, 4), (512, 16), (1024, 4), (1024, 16))  # RESULTS_e2e.md's GPU table
+
+
+def bench_peak_gib(c: dict[str, int], batch: int, grad_forwards: int) -> dict[str, float]:
+    states = 38 * c["params"]
+    act = grad_forwards * batch * c["blocks"] * ACT_BYTES_PER_TOKEN_HIDDEN * c["tokens"] * c["hidden"]
+    return {"states": states / GiB, "activations": act / GiB, "total": (states + act) / GiB}
+
+
+def bench_layers(resolution: int, batch: int, budget_gib: float, max_layers: int = 24) -> tuple[int, dict]:
+    """The deepest layer count whose reference-mode estimate fits the budget (0 if none), and its counts."""
+    best, best_c = 0, {}
+    for layers in range(1, max_layers + 1):
+        c = sd3_medium_counts(resolution, layers)
+        if bench_peak_gib(c, batch, BENCH_GRAD_FORWARDS["reference"])["total"] > budget_gib:
+            break
+        best, best_c = layers, c
+    return best, best_c
+
+
+def distributed_table(batch: int) -> list[str]:
     c = sd3_medium_counts()
-    print(f"SD3-Medium transformer: {c['params'] / 1e9:.3f} B params, {c['blocks']} blocks of "
-          f"{c['block_params'] / 1e6:.1f} M, {c['tokens']} tokens at 1024 px, hidden {c['hidden']}")
-    print("| ranks N | mode | grad ckpt | states GiB | working GiB | activations GiB | **peak GiB / GPU** |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"SD3-Medium transformer: {c['params'] / 1e9:.3f} B params, {c['blocks']} blocks of "
+             f"{c['block_params'] / 1e6:.1f} M, {c['tokens']} tokens at 1024 px, hidden {c['hidden']}, "
+             f"batch {batch} per rank",
+             "",
+             "| ranks N | mode | grad ckpt | states GiB | working GiB | activations GiB | **peak GiB / GPU** |",
+             "|---|---|---|---|---|---|---|"]
     for world in (1, 2, 4, 8):
         for mode in ("ddp", "fsdp"):
             for ckpt in (False, True):
-                r = peak_bytes(c, mode, world, args.batch, ckpt)
-                print(f"| {world} | {mode} | {'on' if ckpt else 'off'} | {r['states']:.1f} | {r['working']:.1f} | "
-                      f"{r['activations']:.1f} | **{r['total']:.1f}** |")
+                r = peak_bytes(c, mode, world, batch, ckpt)
+                lines.append(f"| {world} | {mode} | {'on' if ckpt else 'off'} | {r['states']:.1f} | "
+                             f"{r['working']:.1f} | {r['activations']:.1f} | **{r['total']:.1f}** |")
+    return lines
+
+
+def bench_table(budget_gib: float) -> list[str]:
+    full = {res: sd3_medium_counts(res) for res in (512, 1024)}
+    lines = [f"bench_step.py on one GPU (one trainer per process, no grad checkpointing), budget {budget_gib:g} GiB "
+             "of computed peak; the 24-layer estimate for comparison",
+             "",
+             "| resolution | batch | **--layers** | params B | states GiB | activations GiB ref / fast | "
+             "**peak GiB ref / fast** | 24 layers: peak GiB ref / fast |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res, batch in BENCH_ROWS:
+        layers, c = bench_layers(res, batch, budget_gib)
+        f24 = [bench_peak_gib(full[res], batch, BENCH_GRAD_FORWARDS[m])["total"] for m in ("reference", "fast")]
+        if layers == 0:
+            lines.append(f"| {res} | {batch} | **none fits** | - | - | - | - | {f24[0]:.1f} / {f24[1]:.1f} |")
+            continue
+        ref, fast = (bench_peak_gib(c, batch, BENCH_GRAD_FORWARDS[m]) for m in ("reference", "fast"))
+        lines.append(f"| {res} | {batch} | **{layers}** | {c['params'] / 1e9:.3f} | {ref['states']:.1f} | "
+                     f"{ref['activations']:.1f} / {fast['activations']:.1f} | "
+                     f"**{ref['total']:.1f} / {fast['total']:.1f}** | {f24[0]:.1f} / {f24[1]:.1f} |")
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4, help="samples per rank (train.batch_size)")
+    ap.add_argument("--bench-step", action="store_true",
+                    help="size bench_step.py's --layers per RESULTS_e2e.md row for one GPU instead")
+    ap.add_argument("--budget-gib", type=float, default=60.0,
+                    help="--bench-step: computed peak allowed per process (default 60: an 80 GB H100 minus "
+                         "room for what the estimate does not count)")
+    ap.add_argument("--markdown", metavar="FILE", default=None,
+                    help="also append the printed table(s) to FILE (created if missing)")
+    args = ap.parse_args(argv)
+    lines = bench_table(args.budget_gib) if args.bench_step else distributed_table(args.batch)
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

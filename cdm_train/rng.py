@@ -7,10 +7,13 @@ RNG state forward, so a resumed run draws exactly what an uninterrupted run woul
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 # Stream ids: one independent random stream per purpose.
 HOST, DEVICE, NOISE_FAKE, NOISE_CA, NOISE_DM, NOISE_CDM = range(6)
@@ -37,14 +40,36 @@ def step_random(seed: int, rank: int, step: int, device: torch.device) -> StepRa
 
 
 def capture_global_rng() -> dict:
+    """The global torch / numpy RNG states, and the current CUDA device's (for user code that uses them).
+
+    Training draws nothing from these (see the module docstring), so they are kept for
+    completeness only. Only the current device's CUDA state is saved: a checkpoint must
+    resume on a node with fewer visible GPUs (saved on 8, resumed on 4), and each rank
+    uses one device anyway.
+    """
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        index = torch.cuda.current_device()
+        state["cuda"] = torch.cuda.get_rng_state(index)
+        state["cuda_device"] = index
     return state
 
 
 def restore_global_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Inverse of `capture_global_rng`; also reads old checkpoints that hold one CUDA state per GPU."""
+    # .cpu(): a checkpoint loaded with map_location=<cuda device> moves these byte tensors to the GPU.
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    index = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):  # old format: torch.cuda.get_rng_state_all() of the saving node
+        if not cuda:
+            log.info("checkpoint holds no CUDA RNG state; the current device's is left as it is")
+            return
+        if index >= len(cuda):
+            log.info("checkpoint holds CUDA RNG states for %d device(s), none for device %d: using device 0's",
+                     len(cuda), index)
+        cuda = cuda[index] if index < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda.cpu(), index)

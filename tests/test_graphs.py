@@ -104,12 +104,19 @@ def test_simulated_capture_uses_static_buffers_one_graph_per_shape():
     with torch.no_grad():
         g(torch.randn(4, 3), {"s": torch.rand(4)})
     torch.testing.assert_close(results[0], first, rtol=0, atol=0)  # outputs are copies, not the static buffers
-    # Parameters are read live: an optimizer step (in place) is seen by the next replay.
-    lin(torch.randn(1, 3)).sum().backward()
-    opt.step()
+    # Parameters are read live: an optimizer step (in place) is seen by the next replay. The same
+    # inputs before and after the step, so a replay that returned its previous outputs, or a
+    # capture that had copied the weights, would give the pre-step output and fail here.
     x, c = torch.randn(4, 3), {"s": torch.rand(4)}
     with torch.no_grad():
-        torch.testing.assert_close(g(x, c), lin(x) * c["s"][:, None], rtol=0, atol=0)
+        before = g(x, c)
+    lin(torch.randn(1, 3)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = g(x, c)
+        assert (after - before).abs().max() > 1e-3
+        torch.testing.assert_close(after, lin(x) * c["s"][:, None], rtol=0, atol=0)
+    assert g.stats.captures == 2  # no recapture was needed to see the new weights
 
 
 def test_capture_failure_is_logged_once_then_eager(caplog):
@@ -309,25 +316,37 @@ def test_gpu_capture_replay_equals_eager(autocast):
 @pytest.mark.gpu
 def test_gpu_replay_after_optimizer_step_sees_new_weights():
     # Trainable fp32 weights under bf16 autocast: the autocast weight cache must not be baked in.
+    # The graph is captured and replayed inside one long autocast region whose weight cache holds
+    # bf16 copies made before the optimizer steps (the training forward fills it, and the cache
+    # ignores in-place updates). The eager reference therefore runs with cache_enabled=False: it
+    # casts the live fp32 weights, as the graph's cast kernels do on every replay; a reference
+    # that used the cache would see stale weights and differ from a correct replay.
     dev = torch.device("cuda")
     model = _tiny_sd3(dev).train()
     call = _sd3_call(model)
     g = GraphedForward(call, name="fake")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
     x, s, c = _sd3_inputs(3, dev)
+
+    def reference():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return call(x, s, c)
+
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():
             before = g(x, s, c)
+        torch.testing.assert_close(before, reference(), rtol=0, atol=0)
+        previous = before
         for _ in range(2):
             call(x, s, c).float().square().mean().backward()  # a training step inside the same autocast region
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 after = g(x, s, c)
-                expected = call(x, s, c)
-            torch.testing.assert_close(after, expected, rtol=0, atol=0)
-    assert (after.float() - before.float()).abs().max() > 1e-3
-    assert g.stats.captures == 1
+            torch.testing.assert_close(after, reference(), rtol=0, atol=0)
+            assert (after.float() - previous.float()).abs().max() > 1e-3  # the step changed the output
+            previous = after
+    assert g.stats.captures == 1 and g.stats.replays == 3
 
 
 @pytest.mark.gpu
@@ -346,7 +365,11 @@ def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
     torch.testing.assert_close(a, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(b, expected[1], rtol=0, atol=0)
     torch.testing.assert_close(total, expected[0].sum() + expected[1].sum())
-    assert g_real.pool is not g_fake.pool
+    # Concurrent replays must not share a memory pool: compare the pool ids by value (two handles
+    # naming the same pool would be distinct tuple objects, so an identity check could not fail).
+    assert g_real.pool is not None and tuple(g_real.pool) != tuple(g_fake.pool)
+    assert g_real.stats.captures == g_fake.stats.captures == 1
+    assert g_real.stats.replays == g_fake.stats.replays == 3
 
 
 @pytest.mark.gpu
