@@ -1,13 +1,15 @@
 """Quality ablation of CDM on the digits default (a benchmark script, not a test).
 
-Five variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
+Six variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
 (FD to the held-out digits and class accuracy, cdm_train.eval, EVAL_PER_CLASS samples per class):
 
 1. cdm          full CDM: dynamic continuous schedule, CA + DM + off-trajectory DM (the digits preset);
 2. dmd          discrete DMD-style baseline: fixed schedule [1.0, 0.75, 0.5, 0.25], CA + DM only;
 3. cdm-no-off   CDM without the off-trajectory loss (loss.cdm_weight=0);
 4. cdm-fixed    CDM with the fixed schedule [1.0, 0.75, 0.5, 0.25];
-5. cdm-fp8      full CDM with FP8 attention in every pass without gradient (real teacher, fake-teacher
+5. cdm-merge    full CDM with the SD3 recipe's fake<-student merge (decay 0.999 after every fake step;
+                the digits preset switches it off, 1.0);
+6. cdm-fp8      full CDM with FP8 attention in every pass without gradient (real teacher, fake-teacher
                 scoring, rollout) through the kernel's PyTorch twin (same e4m3 roundings; the digits model's
                 head dim 32 is outside the kernel's {64, 128}). Evaluated with the stock attention.
 
@@ -34,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "dmd": [f"schedule.fixed={FIXED}", "loss.cdm_weight=0"],
     "cdm-no-off": ["loss.cdm_weight=0"],
     "cdm-fixed": [f"schedule.fixed={FIXED}"],
+    "cdm-merge": ["optim.fake_merge_decay=0.999"],
     "cdm-fp8": ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
                 "speed.fp8_attention_rollout=true", "speed.fp8_attention_emulate=true"],
 }

@@ -309,6 +309,13 @@ def validate(cfg: Config) -> None:
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
     _require(t.parallel in ("none", "ddp", "fsdp"), "train.parallel", "must be none, ddp or fsdp")
+    if t.parallel == "fsdp":
+        # FSDP2 frees and re-allocates the unsharded weights around every forward, so a CUDA graph
+        # captured over them would replay on stale addresses; the second stream would race its
+        # all-gathers. Not supported until tested on GPUs.
+        for key in ("cuda_graphs_teacher", "rollout_graphs", "overlap_teacher_calls"):
+            _require(not getattr(cfg.speed, key), f"speed.{key}", "is not supported with train.parallel=fsdp "
+                     "(FSDP re-allocates the unsharded weights every forward); use ddp or switch it off")
 
 
 def reference_mode(cfg: Config) -> None:

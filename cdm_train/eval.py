@@ -13,7 +13,8 @@ sample counts: the FD a perfect generator would reach. FD is biased upwards by f
 sample counts, so compare numbers taken with the same ``EVAL_PER_CLASS`` only.
 
 The classifier shipped in cdm_train/assets/digits_classifier.pt was produced by
-``train_classifier()`` with its defaults (`python -m cdm_train.eval --retrain`, one torch thread).
+``train_classifier()`` with its defaults (`python -m cdm_train.eval --retrain`) under torch's default thread
+count (two threads on the 2-core machine that produced it; one thread gives slightly different weights).
 """
 
 from __future__ import annotations

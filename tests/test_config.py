@@ -117,3 +117,10 @@ def test_bad_device_names_the_key():
     with pytest.raises(ConfigError, match=r"train\.device"):
         make_config("tiny", overrides=["train.device=cuda:x"])
     assert make_config("tiny", overrides=["train.device=cuda:1"]).train.device == "cuda:1"
+
+
+@pytest.mark.parametrize("switch", ["cuda_graphs_teacher", "rollout_graphs", "overlap_teacher_calls"])
+def test_graphs_refused_under_fsdp(switch):
+    with pytest.raises(ConfigError, match=rf"speed\.{switch}"):
+        make_config("tiny", overrides=["train.parallel=fsdp", f"speed.{switch}=true"])
+    assert getattr(make_config("tiny", overrides=["train.parallel=ddp", f"speed.{switch}=true"]).speed, switch)
