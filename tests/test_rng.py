@@ -133,3 +133,22 @@ def test_step_randomness_ignores_the_global_rng():
     assert a[2] == b[2]
     other = rng.step_random(seed=3, rank=2, step=7, device=torch.device("cpu"))
     assert not torch.equal(torch.rand(4, generator=other.host), a[0])  # the rank is part of the seed
+
+
+def test_each_rank_draws_its_own_stream_and_a_step_replays_exactly():
+    """Per-rank noise, trajectory indices and prompts come from (seed, rank, step): ranks differ, a
+    resumed step (same seed, rank, step) draws the same numbers, and the seed changes everything."""
+    from cdm_train.rng import step_random
+
+    cpu = torch.device("cpu")
+
+    def draws(seed, rank, step):
+        r = step_random(seed, rank, step, cpu)
+        return (torch.randint(0, 10**6, (8,), generator=r.host), torch.randn(8, generator=r.device),
+                tuple(sorted(r.seeds.values())))
+
+    base = draws(0, 0, 5)
+    for other in (draws(0, 1, 5), draws(0, 0, 6), draws(1, 0, 5)):
+        assert not torch.equal(base[0], other[0]) and not torch.equal(base[1], other[1]) and base[2] != other[2]
+    again = draws(0, 0, 5)
+    assert torch.equal(base[0], again[0]) and torch.equal(base[1], again[1]) and base[2] == again[2]
