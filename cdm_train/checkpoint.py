@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "config.yaml"  # the resolved config of a run, next to its checkpoint
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
+def _write_atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
+    """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,18 +41,12 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    return _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def load(path: str | Path, map_location="cpu") -> dict[str, Any]:

@@ -27,7 +27,6 @@ import torch
 import cdm_kernels as ck
 
 from . import checkpoint as ckpt
-from .checkpoint import RUN_CONFIG_NAME
 from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
 from .ema import EMA
@@ -214,7 +213,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         main = self.parallel.is_main  # rank 0 writes logs, tensorboard and the progress bar
         if main:  # what `cdm-train train --out DIR --resume` rebuilds the run from
-            ckpt.write_text_atomic(self.out_dir / RUN_CONFIG_NAME, to_yaml(self.cfg))
+            ckpt.write_text_atomic(self.out_dir / ckpt.RUN_CONFIG_NAME, to_yaml(self.cfg))
         log_file = (self.out_dir / "log.jsonl").open("a") if main else None
         writer = self._tensorboard() if main else None
         previous_handler = None
@@ -238,7 +237,7 @@ class Trainer:
                     if k in stats:
                         # Device-side: a skipped (non-finite) step is left out of the window's mean, no sync.
                         finite = torch.isfinite(stats[k])
-                        value = torch.where(finite, stats[k].float(), torch.zeros_like(stats[k], dtype=torch.float))
+                        value = stats[k].float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
                         sums[k] = sums[k] + value if k in sums else value
                         counts[k] = counts[k] + finite.float() if k in counts else finite.float()
                 bar.update(1)

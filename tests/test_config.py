@@ -124,3 +124,14 @@ def test_graphs_refused_under_fsdp(switch):
     with pytest.raises(ConfigError, match=rf"speed\.{switch}"):
         make_config("tiny", overrides=["train.parallel=fsdp", f"speed.{switch}=true"])
     assert getattr(make_config("tiny", overrides=["train.parallel=ddp", f"speed.{switch}=true"]).speed, switch)
+
+
+def test_reference_mode_switches_every_acceleration_off():
+    from cdm_train.config import reference_mode
+
+    cfg = make_config("tiny", overrides=["speed.fp8_attention_teacher=true", "speed.compile_student=true"])
+    reference_mode(cfg)
+    sp = cfg.speed
+    assert sp.backend == "reference" and sp.rollout_graph_mode == "capture"
+    switches = {k: v for k, v in vars(sp).items() if isinstance(v, bool)}
+    assert len(switches) >= 12 and not any(switches.values()), switches

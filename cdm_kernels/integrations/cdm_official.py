@@ -75,7 +75,7 @@ import types
 import torch
 
 from .. import api as _api
-from ..reference._common import sigma_view
+from ..reference._common import per_sample_mean, sigma_view
 
 __all__ = ["compute_dm_loss", "compute_cfg_loss", "compute_fake_teacher_diffusion_loss", "patch", "unpatch",
            "DEFAULT_TARGETS"]
@@ -96,10 +96,6 @@ def _reduction(return_per_sample) -> str:
     return "none" if return_per_sample else "mean"
 
 
-def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).mean(dim=1)
-
-
 def _score_info(prefix, student, a, b, xt, xt_teacher, sigma, sigma_teacher, scale, norm_clip_min,
                 statistics, return_tensors, cfg_grad_direction=None):
     """The official statistics of compute_dm_loss (prefix 'dm') / compute_cfg_loss (prefix 'cfg')."""
@@ -117,9 +113,9 @@ def _score_info(prefix, student, a, b, xt, xt_teacher, sigma, sigma_teacher, sca
         direction = x0_a - (xtt - st * b.detach().float())  # x0_a - x0_b, unscaled
         if statistics:
             x0_s = xt.detach().float() - s * student.detach().float()
-            teacher_gap = _per_sample_mean((x0_a - x0_s).abs())
+            teacher_gap = per_sample_mean((x0_a - x0_s).abs())
             norm = (teacher_gap + _NORM_EPS).clamp(min=norm_clip_min)
-            direction_abs = _per_sample_mean(direction.abs())
+            direction_abs = per_sample_mean(direction.abs())
             effect = abs(float(scale)) * direction_abs / norm
             effect = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))  # as the fused ops
             info[f"{prefix}_norm_factor_mean"] = norm.mean()
