@@ -173,8 +173,8 @@ def cmd_sample(args) -> int:
     from . import checkpoint as ckpt
     from .config import config_from_dict
     from .images import save_grid
-    from .presets import build_teacher, resolve_device
-    from .sampling import sample_euler
+    from .presets import build_teacher, resolve_device, resolve_shift
+    from .sampling import sample_euler, uniform_sigmas
 
     if args.steps < 1 or args.num < 1:
         raise ConfigError("--steps and --num must be >= 1")
@@ -192,9 +192,17 @@ def cmd_sample(args) -> int:
     else:
         cond = sample_cond(args.num, gen)
     noise = torch.randn((args.num, *latent), generator=gen).to(device)
-    images = sample_euler(model, adapter, cond, noise, args.steps, guidance_scale=args.guidance)
+    # The schedule the student was trained for: a fixed training schedule of this length, else uniform; both
+    # shifted as the model's scheduler shifts them (as the official inference does through the pipeline).
+    fixed = cfg.schedule.fixed
+    base = [float(s) for s in fixed] + [0.0] if fixed is not None and len(fixed) == args.steps else None
+    shift = resolve_shift(cfg)
+    sigmas = base if base is not None else uniform_sigmas(args.steps)
+    images = sample_euler(model, adapter, cond, noise, args.steps, guidance_scale=args.guidance, sigmas=sigmas,
+                          shift=shift)
     path = save_grid(images, args.out, nrow=min(args.num, 10))
-    print(f"wrote {path} ({args.num} samples, {args.steps} steps, step {state['step']} {args.weights} weights)")
+    print(f"wrote {path} ({args.num} samples, {args.steps} steps, shift {shift}, step {state['step']} "
+          f"{args.weights} weights)")
     return 0
 
 

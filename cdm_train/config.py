@@ -1,8 +1,11 @@
-"""Training configuration: dataclasses with the official SD3 recipe as defaults.
+"""Training configuration: dataclasses with the official SD3 recipe as defaults (batch size and length aside).
 
 A config is built from (1) the defaults below, (2) a preset (`presets.py`), (3) an
 optional YAML file and (4) `--set section.key=value` overrides, in that order. Unknown
 keys and bad values raise ConfigError naming the key; the CLI turns it into exit code 2.
+
+Not official: `train.batch_size` (4 here; the official SD3 run uses 16 per GPU on 8 GPUs) and
+`train.steps` (1,000 here; the official run is about 4,000 iterations).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class ScheduleConfig:
     inner_sigma_min: float = 0.25  # inner sigmas ~ U(inner_sigma_min, inner_sigma_max)
     inner_sigma_max: float = 0.95
     fixed: list[float] | None = None  # a fixed schedule instead (e.g. [1.0, 0.75, 0.5, 0.25]); 0 is appended
+    # The model scheduler's shift, applied (as diffusers does) to the rollout schedule and at sampling, not to the
+    # directly drawn training sigmas (cdm_train/schedule.py). None: the model's own (sd3-medium: its
+    # scheduler_config.json, else 3.0; sd3-medium-shape 3.0); the tiny and digits presets set 1.0.
+    shift: float | None = None
     sigma_clamp_min: float = 0.02  # every sampled training sigma is clamped to [min, max]
     sigma_clamp_max: float = 0.98
 
@@ -60,9 +67,14 @@ class OptimConfig:
     weight_decay: float = 1e-4
     eps: float = 1e-8
     grad_clip: float = 1.0
-    ema_decay: float = 0.999  # student EMA
+    ema_decay: float = 0.999  # student EMA (the cap of the warm-up below)
+    ema_warmup: bool = True  # official: decay = min((1 + s) / (10 + s), ema_decay), s = student steps so far
     fake_merge_decay: float = 0.999  # fake <- decay * fake + (1 - decay) * student, every fake step
     update_ratio: int = 2  # fake-teacher steps per student step
+    # Linear LR warm-up from 0 (official create_lr_lambda: lr_k = lr * k / warmup for optimizer step k < warmup,
+    # then constant); 0 disables it. Counted in each optimizer's own steps.
+    student_warmup_steps: int = 100
+    fake_warmup_steps: int = 100
 
 
 @dataclass
@@ -91,8 +103,8 @@ class SpeedConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # iterations (each: rollout + fake step; every update_ratio-th: student step)
-    batch_size: int = 4
+    steps: int = 1000  # iterations (official SD3 run: ~4,000); each: rollout + fake step (+ student step)
+    batch_size: int = 4  # per process (official SD3 run: 16 per GPU x 8 GPUs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs/cdm"
@@ -291,7 +303,10 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(o.eps > 0, "optim.eps", "must be > 0")
     _require(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+    _require(s.shift is None or s.shift > 0, "schedule.shift", "must be > 0 (1.0: no shift)")
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
+    _require(o.student_warmup_steps >= 0, "optim.student_warmup_steps", "must be >= 0")
+    _require(o.fake_warmup_steps >= 0, "optim.fake_warmup_steps", "must be >= 0")
     _require(0 <= o.fake_merge_decay <= 1, "optim.fake_merge_decay", "must be in [0, 1] (1 disables the merge)")
     _require(o.update_ratio >= 1, "optim.update_ratio", "must be >= 1")
     _require(sp.backend in ("auto", "reference", "triton", "cpp"), "speed.backend",

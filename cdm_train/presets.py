@@ -3,8 +3,8 @@
 - ``digits``: the embedded default (sklearn handwritten digits, class-conditional
   teacher shipped in the package; see docs/demo.md).
 - ``tiny``: random-init tiny SD3-architecture model with random text embeddings, for
-  tests and quick CPU runs. Shorter rollouts (Nmax 8) and larger learning rates than
-  the SD3 recipe so that 20 CPU steps show learning.
+  tests and quick CPU runs. Shorter rollouts (Nmax 8), no shift, larger learning rates
+  and short LR warm-ups than the SD3 recipe so that 20 CPU steps show learning.
 - ``sd3-medium``: a local diffusers SD3-Medium directory (`model.path`) and
   precomputed prompt embeddings (`model.prompt_embeds`); the official recipe.
 - ``sd3-medium-shape``: random-init SD3-Medium architecture (`model.layers`,
@@ -23,15 +23,16 @@ import torch
 
 from .adapters import ClassLabelAdapter, Cond, ModelAdapter, SD3Adapter
 from .config import Config, ConfigError
+from .schedule import Shift, shift_from_scheduler_config
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "schedule": {"max_steps": 8},
-        "optim": {"student_lr": 1e-4, "fake_lr": 3e-3},
+        "schedule": {"max_steps": 8, "shift": 1.0},
+        "optim": {"student_lr": 1e-4, "fake_lr": 3e-3, "student_warmup_steps": 2, "fake_warmup_steps": 4},
         "train": {"steps": 20, "batch_size": 4, "log_every": 5, "checkpoint_every": 10},
     },
     "digits": {  # tuned on the shipped digits teacher; the reasons are in docs/demo.md
-        "schedule": {"max_steps": 12},
+        "schedule": {"max_steps": 12, "shift": 1.0},  # the digits teacher was trained on unshifted sigmas
         "loss": {"guidance_scale": 0.5},
         "optim": {"student_lr": 2e-5, "fake_lr": 2e-4, "ema_decay": 0.95, "fake_merge_decay": 1.0},
         "train": {"steps": 400, "batch_size": 32, "log_every": 10, "checkpoint_every": 200},
@@ -78,6 +79,21 @@ class Models:
     adapter: ModelAdapter
     sample_cond: Any  # (batch, host_generator) -> cond on the device
     latent_shape: tuple[int, ...]
+    shift: Shift = Shift(1.0)  # how the model's scheduler shifts the rollout / sampling schedule
+
+
+SD3_SHIFT = 3.0  # SD3-Medium's scheduler_config.json
+
+
+def resolve_shift(cfg: Config) -> Shift:
+    """schedule.shift when set; else the model's own: the scheduler config in model.path, else SD3's 3.0."""
+    if cfg.schedule.shift is not None:
+        return Shift(float(cfg.schedule.shift))
+    if cfg.model.preset == "sd3-medium" and cfg.model.path:
+        found = shift_from_scheduler_config(cfg.model.path)
+        if found is not None:
+            return found
+    return Shift(SD3_SHIFT)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +117,7 @@ def _random_bank(n: int, tokens: int, dim: int, pooled: int, device, seed: int =
         "encoder_hidden_states": torch.randn(n, tokens, dim, generator=g),
         "pooled_projections": torch.randn(n, pooled, generator=g),
     }
-    null = {k: torch.zeros_like(v[:1]) for k, v in bank.items()}
+    null = {k: torch.zeros_like(v[:1]) for k, v in bank.items()}  # random-init models: no encoder to encode ""
     return {k: v.to(device) for k, v in bank.items()}, {k: v.to(device) for k, v in null.items()}
 
 
@@ -114,7 +130,7 @@ def _sd3_from_arch(arch: dict[str, Any], seed: int):
 
 def _load_prompt_embeds(path: str, device):
     """A .pt or .safetensors file with encoder_hidden_states (N, L, D), pooled_projections (N, P)
-    and optionally null_encoder_hidden_states (1, L, D), null_pooled_projections (1, P)."""
+    and null_encoder_hidden_states (1, L, D), null_pooled_projections (1, P): the encoded empty prompt."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"model.prompt_embeds: file {path!r} does not exist")
@@ -128,7 +144,14 @@ def _load_prompt_embeds(path: str, device):
         if key not in data:
             raise ConfigError(f"model.prompt_embeds: {path!r} has no {key!r} tensor")
     bank = {k: data[k].float().to(device) for k in ("encoder_hidden_states", "pooled_projections")}
-    null = {k: data.get(f"null_{k}", torch.zeros_like(data[k][:1])).float().to(device) for k in bank}
+    # The official unconditional input is the *encoded empty prompt*; zeros would be another model input.
+    missing = [f"null_{k}" for k in bank if f"null_{k}" not in data]
+    if missing:
+        raise ConfigError(f"model.prompt_embeds: {path!r} has no {' / '.join(repr(k) for k in missing)} tensor: the "
+                          f"CFG null condition must be the encoded empty prompt \"\" (zeros are not equivalent). "
+                          f"Re-create the file with `cdm-train encode-prompts`, or add the empty prompt's embeddings "
+                          f"under those keys")
+    null = {k: data[f"null_{k}"].float().to(device) for k in bank}
     return bank, null
 
 
@@ -163,17 +186,20 @@ def build_teacher(cfg: Config, device: torch.device):
         root = Path(cfg.model.path)
         if not root.is_dir():
             raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
+        # The embeddings first: a bad file fails in a second, not after loading billions of weights.
+        if Path(cfg.model.prompt_embeds).is_dir():  # `cdm-train encode-prompts` output: sharded, memory-mapped
+            from .prompts import StreamingPromptBank
+
+            sampler = StreamingPromptBank(cfg.model.prompt_embeds, device)
+            null = sampler.null()
+        else:
+            bank, null = _load_prompt_embeds(cfg.model.prompt_embeds, device)
+            sampler = PromptBank(bank)
         sub = "transformer" if (root / "transformer").is_dir() else None
         teacher = SD3Transformer2DModel.from_pretrained(str(root), subfolder=sub, torch_dtype=torch.float32)
         side = cfg.model.resolution // 8
         latent = (teacher.config.in_channels, side, side)
-        if Path(cfg.model.prompt_embeds).is_dir():  # `cdm-train encode-prompts` output: sharded, memory-mapped
-            from .prompts import StreamingPromptBank
-
-            stream = StreamingPromptBank(cfg.model.prompt_embeds, device)
-            return teacher.to(device), SD3Adapter(stream.null()), stream, latent
-        bank, null = _load_prompt_embeds(cfg.model.prompt_embeds, device)
-        return teacher.to(device), SD3Adapter(null), PromptBank(bank), latent
+        return teacher.to(device), SD3Adapter(null), sampler, latent
     if preset == "digits":
         from . import digits
 
@@ -209,4 +235,4 @@ def build_models(cfg: Config, device: torch.device) -> Models:
     for net in (student, fake):
         net.requires_grad_(True)
     return Models(student=student, fake=fake, teacher=teacher, adapter=adapter, sample_cond=sampler,
-                  latent_shape=tuple(latent))
+                  latent_shape=tuple(latent), shift=resolve_shift(cfg))

@@ -29,14 +29,15 @@ import cdm_kernels as ck
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
+from .draws import IterationDraws, draw_iteration
 from .ema import EMA
 from .graphs import apply_graph_switches
 from .jsonutil import dumps as json_dumps
 from .monitor import GpuMonitor
 from .presets import Models, build_models, resolve_device
-from .rng import capture_global_rng, restore_global_rng, step_random
-from .rollout import rollout, sample_schedule, sample_trajectory_indices
-from .steps import draw_sigmas, fake_teacher_loss, student_losses
+from .rng import capture_global_rng, restore_global_rng
+from .rollout import rollout
+from .steps import fake_teacher_loss, student_losses, training_sigmas
 
 log = logging.getLogger("cdm_train")
 
@@ -80,6 +81,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def ema_decay(self, student_step: int) -> float:
+        """Official warm-up (cdm/models/ema.py): min((1 + s) / (10 + s), ema_decay), s = student steps taken."""
+        o = self.cfg.optim
+        return min((1.0 + student_step) / (10.0 + student_step), o.ema_decay) if o.ema_warmup else o.ema_decay
+
+    def _set_lr(self, opt: torch.optim.Optimizer, base_lr: float, warmup: int, steps_taken: int) -> None:
+        """Official create_lr_lambda: lr * k / warmup for the k-th optimizer step (from 0) while k < warmup.
+
+        Stateless (computed from the step counters the checkpoint keeps), so resume stays exact.
+        """
+        factor = steps_taken / max(1, warmup) if steps_taken < warmup else 1.0
+        for group in opt.param_groups:
+            group["lr"] = base_lr * factor
+
     def _optimizer_step(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
         params = [p for p in module.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
@@ -94,25 +109,29 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------------------------- one iteration
+    def draws(self, step: int | None = None) -> IterationDraws:
+        """All random draws of iteration `step` (default: the next one); a function of (seed, rank, step)."""
+        m = self.models
+        return draw_iteration(self.cfg, m.sample_cond, m.latent_shape, m.shift, rank=self.rank,
+                              step=self.step if step is None else step, device=self.device)
+
     def train_step(self) -> dict[str, Any]:
         """One iteration. Returns device-side stats (no host sync) plus host-side counts."""
         cfg, m = self.cfg, self.models
-        rnd = step_random(cfg.train.seed, self.rank, self.step, self.device)
-        sigmas = sample_schedule(cfg.schedule, rnd.host)
-        batch = cfg.train.batch_size
-        indices = sample_trajectory_indices(len(sigmas) - 1, batch, rnd.host)
-        cond = m.sample_cond(batch, rnd.host)
-        noise = torch.randn((batch, *m.latent_shape), generator=rnd.device, device=self.device)
+        d = self.draws()
+        rnd, cond, batch = d.rnd, d.cond, cfg.train.batch_size
         stats: dict[str, Any] = {}
         self._iteration_nonfinite = False
         with ck.use_backend(cfg.speed.backend):
             with self.autocast(), self.parallel.rollout_context(m.student):
-                ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices,
+                ro = rollout(m.student, m.adapter, cond, d.noise, d.sigmas, d.indices,
                              early_exit=cfg.speed.early_exit_rollout)
-            sg = draw_sigmas(cfg, rnd, ro.sigma_i)
+            sg = training_sigmas(cfg, d.uniform, ro.sigma_i)
             with self.autocast():
                 loss_fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
             loss_fake.backward()
+            o = cfg.optim
+            self._set_lr(self.fake_opt, o.fake_lr, o.fake_warmup_steps, self.counters["fake_updates"])
             if self._optimizer_step(m.fake, self.fake_opt, loss_fake):
                 self.counters["fake_updates"] += 1
                 lerp_local_(m.fake, m.student, cfg.optim.fake_merge_decay)
@@ -122,9 +141,11 @@ class Trainer:
                 with self.autocast():
                     sl = student_losses(cfg, m.student, m.teacher, m.fake, m.adapter, ro, cond, sg, rnd)
                 sl.total.backward()
+                self._set_lr(self.student_opt, o.student_lr, o.student_warmup_steps, self.counters["student_updates"])
                 if self._optimizer_step(m.student, self.student_opt, sl.total):
                     self.counters["student_updates"] += 1
-                    lerp_local_(self.ema.module, m.student, self.ema.decay)  # = ema.update, on local shards
+                    # = ema.update on local shards; official: the decay of student step s (1-based) after it
+                    lerp_local_(self.ema.module, m.student, self.ema_decay(self.counters["student_updates"]))
                 stats.update(loss_ca=sl.ca.detach(), loss_dm=sl.dm.detach(), loss_cdm=sl.cdm.detach(),
                              loss_student=sl.total.detach())
                 nfe += sl.student_nfe + sl.teacher_nfe + sl.fake_nfe
@@ -273,7 +294,8 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
                       nfe_saved_early_exit=self.counters["nfe_saved_early_exit"],
-                      nonfinite_total=self.counters["nonfinite_total"])
+                      nonfinite_total=self.counters["nonfinite_total"],
+                      lr_student=self.student_opt.param_groups[0]["lr"], lr_fake=self.fake_opt.param_groups[0]["lr"])
         record.update(self.monitor.read())
         if log_file is not None:
             log_file.write(json_dumps(record) + "\n")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from cdm_train.config import make_config
-from cdm_train.rng import step_random
-from cdm_train.rollout import rollout, sample_schedule, sample_trajectory_indices
-from cdm_train.steps import draw_sigmas, fake_teacher_loss, student_losses
+from cdm_train.rollout import rollout
+from cdm_train.steps import fake_teacher_loss, student_losses, training_sigmas
 from cdm_train.trainer import Trainer
 
 
@@ -27,17 +26,13 @@ def one_iteration(cfg, step: int = 0):
         for net, scale in ((m.fake, 0.05), (m.student, 0.02)):
             for p in net.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g))
-    rnd = step_random(cfg.train.seed, 0, step, tr.device)
-    sigmas = sample_schedule(cfg.schedule, rnd.host)
-    batch = cfg.train.batch_size
-    indices = sample_trajectory_indices(len(sigmas) - 1, batch, rnd.host)
-    cond = m.sample_cond(batch, rnd.host)
-    noise = torch.randn((batch, *m.latent_shape), generator=rnd.device, device=tr.device)
+    d = tr.draws(step)
+    rnd, cond = d.rnd, d.cond
     import cdm_kernels as ck
 
     with ck.use_backend(cfg.speed.backend):
-        ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices, early_exit=cfg.speed.early_exit_rollout)
-        sg = draw_sigmas(cfg, rnd, ro.sigma_i)
+        ro = rollout(m.student, m.adapter, cond, d.noise, d.sigmas, d.indices, early_exit=cfg.speed.early_exit_rollout)
+        sg = training_sigmas(cfg, d.uniform, ro.sigma_i)
         fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
         fake.backward()
         fake_grads = [p.grad.detach().clone() for p in m.fake.parameters()]

@@ -3,7 +3,8 @@ import torch
 
 from cdm_train.config import ScheduleConfig
 from cdm_train.presets import build_models
-from cdm_train.rollout import last_step_needed, rollout, sample_schedule, sample_trajectory_indices
+from cdm_train.rollout import draw_schedule, last_step_needed, rollout, sample_schedule, sample_trajectory_indices
+from cdm_train.schedule import Shift, flux_mu, shift_sigmas
 
 from .helpers import tiny_config
 
@@ -25,6 +26,40 @@ def test_schedule_is_the_dynamic_continuous_schedule():
     assert sample_schedule(fixed, g) == [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
+@pytest.mark.parametrize("shift", [3.0, 1.0, 6.0])
+def test_rollout_schedule_is_shifted_exactly_as_diffusers_scheduler_shifts_it(shift):
+    # The official code hands [1.0] + sorted inner draws to the pipeline; FlowMatchEulerDiscreteScheduler shifts them.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = ScheduleConfig()
+    for seed in range(20):
+        raw = draw_schedule(cfg, torch.Generator().manual_seed(seed))
+        ours = sample_schedule(cfg, torch.Generator().manual_seed(seed), shift)
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(sigmas=raw[:-1])
+        theirs = sched.sigmas.tolist()
+        assert len(ours) == len(theirs) and ours[0] == 1.0 and ours[-1] == 0.0
+        assert ours == pytest.approx(theirs, rel=2e-7, abs=1e-7)  # diffusers computes in fp32
+        if shift != 1.0 and len(raw) > 2:
+            assert ours[1] != pytest.approx(raw[1])  # the shift does something
+    fixed = ScheduleConfig(fixed=[1.0, 0.75, 0.5, 0.25])  # the official 4-step inference schedule
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])
+    assert sample_schedule(fixed, torch.Generator(), shift) == pytest.approx(sched.sigmas.tolist(), rel=2e-7)
+
+
+def test_dynamic_shift_matches_diffusers_flux_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    raw = [1.0, 0.8, 0.55, 0.3]
+    for seq_len in (256, 1024, 4096, 4500):
+        mu = flux_mu(seq_len)
+        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+        sched.set_timesteps(sigmas=raw, mu=mu)
+        assert shift_sigmas(raw + [0.0], Shift(mu=mu)) == pytest.approx(sched.sigmas.tolist(), rel=2e-7, abs=1e-7)
+
+
 def test_trajectory_indices_uniform_and_descending():
     g = torch.Generator().manual_seed(1)
     counts = torch.zeros(5)
@@ -37,18 +72,18 @@ def test_trajectory_indices_uniform_and_descending():
 
 
 def _naive_rollout(student, adapter, cond, noise, sigmas):
-    """Every step for every sample, whole trajectory stored: the plain definition."""
-    xs, vs, x0s = [], [], []
+    """Every step for every sample, whole trajectory stored, recorded as the official
+    TrainingSchedulerWrapper records it: all_xt and all_x0 start with the initial noise."""
+    all_xt, all_x0, all_v = [noise], [noise], []
     x = noise
     with torch.no_grad():
         for k in range(len(sigmas) - 1):
             v = adapter(student, x, torch.full((x.shape[0],), sigmas[k]), cond)
-            xs.append(x)
-            vs.append(v)
-            x0s.append(x - sigmas[k] * v)
+            all_x0.append(x - sigmas[k] * v)
+            all_v.append(v)
             x = x + (sigmas[k + 1] - sigmas[k]) * v
-    x0s.append(x)  # "x0 at step N" = the final sample
-    return xs, vs, x0s
+            all_xt.append(x)
+    return all_xt, all_v, all_x0
 
 
 @pytest.mark.parametrize("early_exit", [False, True])
@@ -61,23 +96,30 @@ def test_rollout_records_match_the_naive_trajectory(tmp_path, early_exit):
     noise = torch.randn(6, *m.latent_shape, generator=g)
     cond = m.sample_cond(6, g)
     ro = rollout(m.student, m.adapter, cond, noise, sigmas, indices, early_exit=early_exit)
-    xs, vs, x0s = _naive_rollout(m.student, m.adapter, cond, noise, sigmas)
+    all_xt, all_v, all_x0 = _naive_rollout(m.student, m.adapter, cond, noise, sigmas)
     for b, i in enumerate(indices):
-        torch.testing.assert_close(ro.x_i[b], xs[i][b], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ro.v_i[b], vs[i][b], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ro.x0_next[b], x0s[i + 1][b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ro.x_i[b], all_xt[i][b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ro.v_i[b], all_v[i][b], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ro.x0_i[b], all_x0[i + 1][b], rtol=1e-5, atol=1e-6)  # the official FT target
         assert float(ro.sigma_i[b]) == pytest.approx(sigmas[i])
     n = len(sigmas) - 1
-    expected_nfe = sum(last_step_needed(i, n) + 1 for i in indices) if early_exit else n * len(indices)
+    expected_nfe = sum(i + 1 for i in indices) if early_exit else n * len(indices)
     assert ro.nfe == expected_nfe
     if early_exit:
         assert ro.nfe < n * len(indices)
 
 
-def test_early_exit_saves_about_forty_percent_of_the_rollout_on_the_official_schedule():
-    # Exact expectation: sum_N sum_i min(i + 2, N) / N  over  sum_N N  (N ~ U{1..28}, i ~ U{0..N-1}).
-    exact = sum(sum(min(i + 2, n) for i in range(n)) / n for n in range(1, 29)) / sum(range(1, 29))
-    assert abs(exact - 0.594) < 0.001
+def test_last_step_needed_is_the_trajectory_index():
+    assert [last_step_needed(i, 5) for i in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        last_step_needed(5, 5)
+
+
+def test_early_exit_keeps_about_53_percent_of_the_rollout_on_the_official_schedule():
+    # Exact expectation: a sample with index i runs i + 1 steps; sum_N sum_i (i + 1) / N over sum_N N
+    # (N ~ U{1..28}, i ~ U{0..N-1}) = (406 + 28) / 2 / 406.
+    exact = sum(sum(i + 1 for i in range(n)) / n for n in range(1, 29)) / sum(range(1, 29))
+    assert abs(exact - 217 / 406) < 1e-12 and abs(exact - 0.534) < 0.001
     cfg = ScheduleConfig()
     g = torch.Generator().manual_seed(3)
     full = kept = 0

@@ -191,15 +191,19 @@ def test_trainer_wiring_merge_ema_and_update_ratio(tmp_path):
     """The real train_step: fake <- d*fake + (1-d)*student after every fake step, EMA <- e*EMA + (1-e)*student
     after every student step, the student step on every update_ratio-th iteration only.
 
-    Learning rates 0 (set on the optimizers) make the AdamW steps identities (decoupled weight decay is
-    lr*wd = 0), so the expected weights are exact formulas of the weights before the iteration.
+    Learning rates 0 (the trainer's LR setter replaced) make the AdamW steps identities (decoupled weight
+    decay is lr*wd = 0), so the expected weights are exact formulas of the weights before the iteration.
+    The EMA's decay at student step 1 is the official warm-up value min(2 / 11, ema_decay).
     """
     d, e = 0.9, 0.5
     tr = Trainer(tiny_config(tmp_path, f"optim.fake_merge_decay={d}", f"optim.ema_decay={e}", "optim.update_ratio=2",
                              "schedule.max_steps=2", "train.batch_size=2"))
-    for opt in (tr.student_opt, tr.fake_opt):  # the config insists on lr > 0; set it on the optimizers
+
+    def zero_lr(opt, base_lr, warmup, steps_taken):  # the config insists on lr > 0
         for group in opt.param_groups:
             group["lr"] = 0.0
+
+    tr._set_lr = zero_lr
     m = tr.models
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # make fake, student and EMA differ so every formula is non-trivial
@@ -220,8 +224,9 @@ def test_trainer_wiring_merge_ema_and_update_ratio(tmp_path):
     assert tr.counters["fake_updates"] == 2 and tr.counters["student_updates"] == 1
     for f, f1, s0 in zip(m.fake.parameters(), fake1, student0):
         torch.testing.assert_close(f.detach(), d * f1 + (1 - d) * s0, rtol=1e-6, atol=1e-7)
+    e1 = min(2 / 11, e)
     for a, a0, s0 in zip(tr.ema.module.parameters(), ema0, student0):
-        torch.testing.assert_close(a.detach(), e * a0 + (1 - e) * s0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.detach(), e1 * a0 + (1 - e1) * s0, rtol=1e-6, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(_params(m.student), student0))  # lr 0: the student is unchanged
 
 
