@@ -79,6 +79,7 @@ def build(mode: str, args) -> Trainer:
         extra = (FAST_EXTRA if args.all_switches else []) + (["compile_student"] if args.compile else [])
         overrides += [f"speed.{name}=true" for name in extra]
         overrides += [f"speed.rollout_graph_mode={args.rollout_graph_mode}"]
+    overrides += list(args.set or [])
     cfg = make_config(args.preset, overrides=overrides)
     if mode == "reference":
         reference_mode(cfg)
@@ -335,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="sd3-medium-shape depth (default 24)")
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium-shape image side in pixels")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra config override for both modes, e.g. schedule.max_steps=28 (the official Nmax)")
     p.add_argument("--iters", type=int, default=30, help="timed iterations per mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--retime-passes", type=int, default=2,
