@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="run CDM distillation", description="Run CDM distillation. Config = defaults "
-                       "(official SD3 recipe) <- preset <- --config FILE <- --set overrides <- the flags below.")
+                       "(official SD3 recipe, batch size and length aside) <- preset <- --config FILE <- --set "
+                       "overrides <- the flags below.")
     _config_args(t)
     t.add_argument("--steps", type=int, default=None, help="total iterations (train.steps)")
     t.add_argument("--out", default=None, help="run directory for checkpoint.pt, log.jsonl, tensorboard/ "

@@ -83,7 +83,7 @@ class SpeedConfig:
 
     backend: str = "auto"  # cdm_kernels backend: auto | reference | triton | cpp
     shared_student_forward: bool = True  # (a) one student forward serves CA and DM
-    early_exit_rollout: bool = True  # (b) samples leave the rollout after step i+1
+    early_exit_rollout: bool = True  # (b) samples leave the rollout after their step i
     batched_teacher_calls: bool = True  # (c) real-teacher cond/uncond/DM/CDM calls in one batch
     # FP8 for passes without gradient (measured, not exact; see docs/fp8.md). Off by default.
     fp8_attention_teacher: bool = False  # real teacher: every call

@@ -6,7 +6,7 @@
   tests and quick CPU runs. Shorter rollouts (Nmax 8), no shift, larger learning rates
   and short LR warm-ups than the SD3 recipe so that 20 CPU steps show learning.
 - ``sd3-medium``: a local diffusers SD3-Medium directory (`model.path`) and
-  precomputed prompt embeddings (`model.prompt_embeds`); the official recipe.
+  precomputed prompt embeddings (`model.prompt_embeds`); the official recipe (batch size and length aside: README).
 - ``sd3-medium-shape``: random-init SD3-Medium architecture (`model.layers`,
   `model.resolution`) with random embeddings, for benchmarks.
 """
