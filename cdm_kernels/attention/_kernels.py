@@ -206,7 +206,10 @@ def kernel_config(head_dim: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
-def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = None) -> torch.Tensor:
+def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = None, *,
+                         soft_round: bool | None = None) -> torch.Tensor:
+    """soft_round: round onto the e4m3 grid with integer ops (what the interpreter needs); default: on
+    CPU tensors or under the interpreter. The compile check passes False for CPU stand-ins of GPU tensors."""
     cfg = config or kernel_config(q.shape[-1])
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     b, h, s, d = q.shape
@@ -221,7 +224,7 @@ def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = No
     q_scale = torch.empty((bh, n_blk_m), dtype=torch.float32, device=dev)
     k_scale = torch.empty((bh, n_blk_n), dtype=torch.float32, device=dev)
     v_scale = torch.empty((bh, n_blk_n), dtype=torch.float32, device=dev)
-    soft = INTERPRET or dev.type != "cuda"
+    soft = (INTERPRET or dev.type != "cuda") if soft_round is None else soft_round
     _quantize_qkv_kernel[(max(n_blk_m, n_blk_n), bh, 3)](
         q, k, v, *q.stride(), *k.stride(), *v.stride(),
         q8, k8, v8t, q_scale, k_scale, v_scale,

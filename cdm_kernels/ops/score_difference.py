@@ -100,18 +100,26 @@ if HAS_TRITON:
         for b0 in range(0, B, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
             bmask = bs < B
-            s_abs = tl.zeros((BLOCK_B,), tl.float32)
-            s_sq = tl.zeros((BLOCK_B,), tl.float32)
-            n_bad = tl.zeros((BLOCK_B,), tl.float32)
-            n_sbad = tl.zeros((BLOCK_B,), tl.float32)
+            # 2-D tiles accumulated in the loop and reduced once after it: triton 3.6 (the GPU
+            # machines' version) crashes in OptimizeThreadLocality on a loop whose per-iteration
+            # 2-D reductions feed several accumulators (loopResult.hasOneUse()) once the tile
+            # reaches 256 elements; 3.9 compiles both forms. `python -m cdm_kernels.compile_check`.
+            t_abs = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_sq = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_bad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_sbad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
             for c0 in range(0, n_chunks, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)
                 m2 = bmask[:, None] & (cs < n_chunks)[None, :]
                 idx = bs[:, None] * n_chunks + cs[None, :]
-                s_abs += tl.sum(tl.load(PART + idx, mask=m2, other=0.0), axis=1)
-                s_sq += tl.sum(tl.load(PART + part_stride + idx, mask=m2, other=0.0), axis=1)
-                n_bad += tl.sum(tl.load(PART + 2 * part_stride + idx, mask=m2, other=0.0), axis=1)
-                n_sbad += tl.sum(tl.load(PART + 3 * part_stride + idx, mask=m2, other=0.0), axis=1)
+                t_abs += tl.load(PART + idx, mask=m2, other=0.0)
+                t_sq += tl.load(PART + part_stride + idx, mask=m2, other=0.0)
+                t_bad += tl.load(PART + 2 * part_stride + idx, mask=m2, other=0.0)
+                t_sbad += tl.load(PART + 3 * part_stride + idx, mask=m2, other=0.0)
+            s_abs = tl.sum(t_abs, axis=1)
+            s_sq = tl.sum(t_sq, axis=1)
+            n_bad = tl.sum(t_bad, axis=1)
+            n_sbad = tl.sum(t_sbad, axis=1)
             norm = tl.maximum(s_abs / n_float + 1e-8, clip)
             ok = (n_bad == 0.0) & is_finite(s_abs)
             loss = tl.where(ok, (scale * scale) * s_sq / (norm * norm) / n_float, 0.0)

@@ -1,0 +1,296 @@
+"""Compile every Triton kernel of the package for a GPU, without a GPU.
+
+    python -m cdm_kernels.compile_check [--arch 80 --arch 89 --arch 90] [--quick]
+
+The CPU tests run the kernels through Triton's interpreter, which never runs Triton's
+compiler: a kernel can pass every CPU test and still be rejected on a GPU (triton 3.6
+once crashed on a finalize kernel that 3.9 compiles). This check closes that gap.
+
+How: the public ops run with CPU tensors standing in for CUDA tensors while
+`JITFunction.run` is replaced by a recorder, so every launch the package would make
+is captured with its real arguments (dtypes, pointer alignment, integer values,
+constexprs, num_warps). Each capture is specialised by the JIT's own binder for a
+CUDA target (the same divisibility-by-16 and ==1 specialisation a GPU launch gets)
+and compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
+down to cubin through the ptxas shipped in the triton wheel. Identical
+specialisations are compiled once.
+
+Output: one line per failing (kernel, setting), a summary line last; exit 1 on any
+failure, 2 on a usage error. Run it against another Triton by putting that Triton
+first on PYTHONPATH (the Makefile does this for triton 3.6, the GPU machines' version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the recorder needs the real JIT, not the interpreter
+    print("compile_check: unset TRITON_INTERPRET (it must be 0 or absent)", file=sys.stderr)
+    raise SystemExit(2)
+
+import torch  # noqa: E402
+
+SD3_1024 = (16, 128, 128)  # SD3 latent at 1024 px
+FLUX_1024 = (4096, 64)  # Flux packed latent at 1024 px: (64 x 64 tokens, 16 channels x 2 x 2)
+VIDEO = (16, 21, 60, 104)  # a 5-D video latent per sample (e.g. Wan-class, 81 frames at 480p)
+ODD = [(3, 5, 7), (1,), (2, 3), (33,), (17, 9)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    setting: str
+
+
+@contextlib.contextmanager
+def recording(launches: list[Launch], setting: list[str]):
+    """Replace JITFunction.run: record each launch instead of running it."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        consts = " ".join(f"{k}={v}" for k, v in kwargs.items() if isinstance(v, (bool, int)) and k.isupper())
+        launches.append(Launch(self, args, dict(kwargs), f"{setting[0]}; {consts}" if consts else setting[0]))
+        return None
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+@contextlib.contextmanager
+def triton_on_cpu_tensors():
+    """Make the triton backend accept CPU tensors (its kernels are recorded, never run)."""
+    from . import backend
+    from .backend import _Impl
+
+    backend._load_accelerated()
+    impls = backend._IMPLS["triton"]
+    saved = dict(impls)
+    for op, impl in saved.items():
+        impls[op] = _Impl(impl.fn, lambda device, dtype: True)
+    try:
+        with backend.use_backend("triton"):
+            yield
+    finally:
+        impls.clear()
+        impls.update(saved)
+
+
+def _sigmas(batch: int, ndim: int, kind: str):
+    if kind == "float":
+        return 0.7, 0.3
+    s = torch.rand(batch)
+    if kind == "view":  # (B, 1, ..., 1) and a strided (every other element) sigma tensor
+        return s.view(batch, *([1] * (ndim - 1))), torch.rand(2 * batch)[::2]
+    return s, torch.rand(batch)
+
+
+def _tensor(shape, dtype, layout: str):
+    if layout == "batch_slice":  # a batch slice of a bigger batch (the cond half of a cond/uncond batch)
+        return torch.empty((2 * shape[0], *shape[1:]), dtype=dtype)[shape[0]:]
+    if layout == "offset":  # storage offset of one element: breaks 16-byte alignment
+        flat = torch.empty(int(torch.tensor(shape).prod()) + 1, dtype=dtype)
+        return flat[1:].view(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
+def exercise_ops(batch: int, sample_shape: tuple, dtype, layout: str, sigma_kind: str, reductions) -> None:
+    """Every public op, forward and backward, on one setting (the kernels are recorded, not run)."""
+    import cdm_kernels as ck
+
+    shape = (batch, *sample_shape)
+
+    def t(grad=False):
+        x = _tensor(shape, dtype, layout)
+        return x.requires_grad_(grad) if grad else x
+
+    s, st = _sigmas(batch, len(shape), sigma_kind)
+    x, v = t(True), t(True)
+    ck.euler_extrapolate(x, v, s, st).sum().backward()
+    ck.euler_step(t(), t(), s, st)
+    x0 = t(True)
+    ck.renoise(x0, s, seed=7, offset=3).sum().backward()
+    ck.renoise(t(True), s, t()).sum().backward()
+    ck.predict_x0_renoise(t(), t(), s, st, seed=5)
+    ck.predict_x0_renoise(t(), t(), s, st, t())
+    for reduction in reductions:
+        sv, xt = t(True), t(True)
+        loss = ck.dm_loss(sv, t(), t(), xt, t(), s, st, reduction=reduction)
+        loss.sum().backward()
+        loss = ck.cfg_loss(t(True), t(), t(), t(), t(), s, st, guidance_scale=7.0, reduction=reduction)
+        loss.sum().backward()
+        ck.flow_matching_loss(t(True), t(), seed=11, reduction=reduction).sum().backward()
+        ck.flow_matching_loss(t(True), t(), t(), reduction=reduction).sum().backward()
+
+
+def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype) -> None:
+    from .attention._kernels import triton_fp8_attention
+
+    q, k, v = (torch.empty((batch, heads, seq, head_dim), dtype=dtype) for _ in range(3))
+    triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
+
+
+def op_settings(quick: bool):
+    """(description, arguments of exercise_ops) covering the launch shapes the package meets.
+
+    The quick set keeps every constexpr combination and every class of integer specialisation
+    (sizes and strides divisible by 16 or not, unaligned pointers, sigma as float / tensor / view)
+    that the full set reaches, with fewer repetitions of each.
+    """
+    reductions_all = ("mean", "sum", "none")
+    dtypes = (torch.float32, torch.bfloat16) if quick else DTYPES
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        # SD3 1024 px: the reduction chunk count and the finalize tile grow with the batch.
+        for b in ([1, 9, 16, 64] if quick else range(1, 65)):
+            yield f"sd3-1024 B={b} {dname}", (b, SD3_1024, dtype, "contiguous", "tensor", reductions_all)
+        for b in ([16] if quick else [1, 2, 4, 8, 16, 32]):
+            yield f"flux-1024 B={b} {dname}", (b, FLUX_1024, dtype, "contiguous", "tensor", reductions_all)
+        yield f"video 1x{'x'.join(map(str, VIDEO))} {dname}", (1, VIDEO, dtype, "contiguous", "tensor",
+                                                               reductions_all)
+        for shape in (ODD[:2] if quick else ODD):
+            for layout in (("contiguous", "offset") if quick else ("contiguous", "batch_slice", "offset")):
+                for sk in (("float", "view") if quick else ("float", "tensor", "view")):
+                    yield (f"odd {shape} B=3 {dname} {layout} sigma={sk}",
+                           (3, shape, dtype, layout, sk, reductions_all))
+
+
+def attention_settings(quick: bool):
+    for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)):
+        dname = str(dtype).replace("torch.", "")
+        for d in (64, 128):
+            for s in ((4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):  # even / odd S
+                yield f"fp8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype)
+
+
+def collect(quick: bool) -> list[Launch]:
+    launches: list[Launch] = []
+    current = [""]
+    errors = []
+    with triton_on_cpu_tensors(), recording(launches, current):
+        for desc, args in op_settings(quick):
+            current[0] = desc
+            try:
+                exercise_ops(*args)
+            except Exception as exc:  # a host-side error before any launch is a failure too
+                errors.append(f"FAIL host-side {desc}: {type(exc).__name__}: {exc}")
+        for desc, args in attention_settings(quick):
+            current[0] = desc
+            try:
+                exercise_attention(*args)
+            except Exception as exc:
+                errors.append(f"FAIL host-side {desc}: {type(exc).__name__}: {exc}")
+    return launches, errors
+
+
+FP8_KERNELS = ("_quantize_qkv_kernel", "_fp8_attention_fwd_kernel")
+FP8_MIN_ARCH = 89  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hopper); sm_80 takes the SDPA path instead
+
+_WORK: list[tuple] = []  # (arch, fn, args, kwargs, bound_args, specialization, options): read by forked workers
+
+
+def _compile_one(index: int) -> str | None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    arch, fn, kwargs, bound_args, specialization, options = _WORK[index]
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        backend = make_backend(target)
+        opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+        triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
+        return None
+    except Exception as exc:  # the compiler's own error: reported, and the check goes on
+        lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
+        return " | ".join(lines[:4])[:500]
+
+
+def compile_all(launches: list[Launch], archs: list[int], jobs: int) -> tuple[int, int, list[str]]:
+    """Compile each distinct (arch, kernel, specialisation) once, in `jobs` forked processes.
+
+    Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    _WORK.clear()
+    first: dict[tuple, int] = {}
+    uses: list[tuple[int, int, str]] = []  # (work index, arch, setting)
+    skipped = 0
+    for arch in archs:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binders: dict[int, object] = {}
+        for launch in launches:
+            fn = launch.fn
+            if fn.__name__ in FP8_KERNELS and arch < FP8_MIN_ARCH:
+                skipped += 1
+                continue
+            kwargs = dict(launch.kwargs)
+            kwargs.setdefault("debug", False)
+            if id(fn) not in binders:
+                binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+            bound_args, specialization, options = binders[id(fn)](*launch.args, **kwargs)
+            key = (arch, id(fn), str(specialization), str(options))
+            if key not in first:
+                first[key] = len(_WORK)
+                _WORK.append((arch, fn, kwargs, bound_args, specialization, options))
+            uses.append((first[key], arch, launch.setting))
+    if jobs > 1 and len(_WORK) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            errors = pool.map(_compile_one, range(len(_WORK)), chunksize=4)
+    else:
+        errors = [_compile_one(i) for i in range(len(_WORK))]
+    failures, reported = [], set()
+    for index, arch, setting in uses:
+        if errors[index] is not None and (index, setting) not in reported:
+            reported.add((index, setting))
+            failures.append(f"FAIL sm_{arch} {_WORK[index][1].__name__} [{setting}]: {errors[index]}")
+    return len(_WORK), skipped, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cdm_kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
+                        help="compute capability to compile for (repeatable; default 80, 89 and 90)")
+    parser.add_argument("--quick", action="store_true", help="a representative subset of the launch shapes")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    args = parser.parse_args(argv)
+    archs = args.arch or [80, 89, 90]
+    try:
+        import triton
+    except ImportError:
+        print("compile_check: triton is not installed", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    launches, failures = collect(args.quick)
+    kernels = sorted({launch.fn.__name__ for launch in launches})
+    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs))
+    failures.extend(compile_failures)
+    for line in failures:
+        print(line)
+    elapsed = time.perf_counter() - start
+    status = "OK" if not failures else f"{len(failures)} FAILED"
+    print(f"compile_check: triton {triton.__version__}, sm_{'/sm_'.join(map(str, archs))}, {len(kernels)} kernels, "
+          f"{len(launches)} launches, {compiled} distinct compilations ({skipped} FP8 launches skipped below "
+          f"sm_{FP8_MIN_ARCH}), {elapsed:.0f} s: {status}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
