@@ -16,7 +16,13 @@ STAMP := $(VENV)/.cdm-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: all setup demo test lint bench clean
+# The GPU machines run triton 3.6 (torch 2.11's pin); CI has the venv's newer triton. Every kernel is
+# compiled for sm_80/89/90 against both (python -m cdm_kernels.compile_check), 3.6 installed on the side.
+TRITON_SIDE_VERSION ?= 3.6.0
+TRITON_SIDE_DIR ?= $(HOME)/.cache/cdm-kernels/triton-$(TRITON_SIDE_VERSION)
+COMPILE_CHECK_ARCHS ?= --arch 80 --arch 89 --arch 90
+
+.PHONY: all setup demo test lint compile-check bench clean
 
 all: test
 
@@ -38,7 +44,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py
 
-test: $(STAMP) lint
+$(TRITON_SIDE_DIR)/.installed:
+	$(PIP) install -q --no-deps --target $(TRITON_SIDE_DIR) "triton==$(TRITON_SIDE_VERSION)"
+	touch $@
+
+compile-check: $(STAMP) $(TRITON_SIDE_DIR)/.installed
+	env -u TRITON_INTERPRET $(PY) -m cdm_kernels.compile_check --quick $(COMPILE_CHECK_ARCHS)
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_SIDE_DIR) $(PY) -m cdm_kernels.compile_check --quick $(COMPILE_CHECK_ARCHS)
+
+test: $(STAMP) lint compile-check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -13,6 +13,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+MAX_SAMPLE_NUMEL = 2**31 - 1
 
 
 def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
@@ -25,6 +26,12 @@ def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
                          f"{tuple(t.shape)}")
     if t.dim() >= 1 and t.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch dimension")
+    per_sample = t[0].numel() if t.dim() >= 1 else 1
+    if per_sample > MAX_SAMPLE_NUMEL:
+        # The fused kernels index inside one sample with 32-bit offsets (the batch offset is 64-bit).
+        raise ValueError(f"{name}: one sample holds {per_sample} elements (shape {tuple(t.shape)}); the fused "
+                         f"ops index within a sample with 32-bit offsets, at most {MAX_SAMPLE_NUMEL}. Split the "
+                         f"sample (e.g. along time) or use a smaller latent")
     return t
 
 

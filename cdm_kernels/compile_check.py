@@ -142,7 +142,7 @@ def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype) -
     triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
 
 
-def op_settings(quick: bool):
+def op_settings(mode: str):
     """(description, arguments of exercise_ops) covering the launch shapes the package meets.
 
     The quick set keeps every constexpr combination and every class of integer specialisation
@@ -150,6 +150,12 @@ def op_settings(quick: bool):
     that the full set reaches, with fewer repetitions of each.
     """
     reductions_all = ("mean", "sum", "none")
+    if mode == "smoke":  # for the test of the checker itself: one SD3 batch and one odd shape
+        yield "sd3-1024 B=16 bfloat16", (16, SD3_1024, torch.bfloat16, "contiguous", "tensor", reductions_all)
+        yield "odd (3, 5, 7) B=3 float32 offset sigma=view", (3, (3, 5, 7), torch.float32, "offset", "view",
+                                                              ("mean",))
+        return
+    quick = mode == "quick"
     dtypes = (torch.float32, torch.bfloat16) if quick else DTYPES
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -167,26 +173,27 @@ def op_settings(quick: bool):
                            (3, shape, dtype, layout, sk, reductions_all))
 
 
-def attention_settings(quick: bool):
+def attention_settings(mode: str):
+    quick = mode != "full"
     for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)):
         dname = str(dtype).replace("torch.", "")
-        for d in (64, 128):
-            for s in ((4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):  # even / odd S
+        for d in ((64,) if mode == "smoke" else (64, 128)):
+            for s in ((4429,) if mode == "smoke" else (4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):
                 yield f"fp8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype)
 
 
-def collect(quick: bool) -> list[Launch]:
+def collect(mode: str) -> tuple[list[Launch], list[str]]:
     launches: list[Launch] = []
     current = [""]
     errors = []
     with triton_on_cpu_tensors(), recording(launches, current):
-        for desc, args in op_settings(quick):
+        for desc, args in op_settings(mode):
             current[0] = desc
             try:
                 exercise_ops(*args)
             except Exception as exc:  # a host-side error before any launch is a failure too
                 errors.append(f"FAIL host-side {desc}: {type(exc).__name__}: {exc}")
-        for desc, args in attention_settings(quick):
+        for desc, args in attention_settings(mode):
             current[0] = desc
             try:
                 exercise_attention(*args)
@@ -218,7 +225,8 @@ def _compile_one(index: int) -> str | None:
         return " | ".join(lines[:4])[:500]
 
 
-def compile_all(launches: list[Launch], archs: list[int], jobs: int) -> tuple[int, int, list[str]]:
+def compile_all(launches: list[Launch], archs: list[int], jobs: int,
+                force_fp8: bool = False) -> tuple[int, int, list[str]]:
     """Compile each distinct (arch, kernel, specialisation) once, in `jobs` forked processes.
 
     Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting).
@@ -236,7 +244,7 @@ def compile_all(launches: list[Launch], archs: list[int], jobs: int) -> tuple[in
         binders: dict[int, object] = {}
         for launch in launches:
             fn = launch.fn
-            if fn.__name__ in FP8_KERNELS and arch < FP8_MIN_ARCH:
+            if fn.__name__ in FP8_KERNELS and arch < FP8_MIN_ARCH and not force_fp8:
                 skipped += 1
                 continue
             kwargs = dict(launch.kwargs)
@@ -269,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=[80, 86, 89, 90],
                         help="compute capability to compile for (repeatable; default 80, 89 and 90)")
     parser.add_argument("--quick", action="store_true", help="a representative subset of the launch shapes")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # a handful: the checker's own test
+    parser.add_argument("--force-fp8", action="store_true",
+                        help="also compile the FP8 attention kernels below sm_89 (they must fail: a self-test)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     args = parser.parse_args(argv)
     archs = args.arch or [80, 89, 90]
@@ -278,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         print("compile_check: triton is not installed", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    launches, failures = collect(args.quick)
+    launches, failures = collect("smoke" if args.smoke else "quick" if args.quick else "full")
     kernels = sorted({launch.fn.__name__ for launch in launches})
-    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs))
+    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs), args.force_fp8)
     failures.extend(compile_failures)
     for line in failures:
         print(line)

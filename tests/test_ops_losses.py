@@ -134,7 +134,7 @@ def test_score_difference_multi_chunk_reduction(backend, monkeypatch):
     if backend == "triton":
         from cdm_kernels.ops import score_difference as sd
 
-        monkeypatch.setattr(sd, "reduce_sizes", lambda n: (16, 32, math.ceil(n / 32)))
+        monkeypatch.setattr(sd, "reduce_sizes", lambda n, *a, **k: (16, 32, math.ceil(n / 32)))
         monkeypatch.setattr(sd, "finalize_block_sizes", lambda b, c: (2, 2))
     # triton: 150 elements = 5 chunks of 32 (the last one partial), 5 samples in finalize tiles of 2;
     # cpp: 35000 elements = 3 chunks of 16384 (the last one partial)
@@ -188,7 +188,7 @@ def test_flow_matching_multi_chunk_and_non_contiguous(backend, monkeypatch):
     if backend == "triton":
         from cdm_kernels.ops import flow_matching as fm
 
-        monkeypatch.setattr(fm, "reduce_sizes", lambda n: (16, 32, math.ceil(n / 32)))
+        monkeypatch.setattr(fm, "reduce_sizes", lambda n, *a, **k: (16, 32, math.ceil(n / 32)))
         monkeypatch.setattr(fm, "finalize_block_sizes", lambda b, c: (2, 2))
     pred = make((10, 5, 23), seed=1)[::2]
     x0 = make((5, 23, 5), seed=2).transpose(1, 2)

@@ -91,7 +91,8 @@ def _quantize_qkv_kernel(
         if pid < N_BLK_M:
             rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
             valid = (rows < S)[:, None]
-            src = q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qs + offs_d[None, :] * s_qd
+            # rows x stride in 64 bits: a (B, S, H, D) view with long S passes 2**31 inside one head
+            src = q_ptr + b * s_qb + h * s_qh + rows.to(tl.int64)[:, None] * s_qs + offs_d[None, :] * s_qd
             x = tl.load(src, mask=valid, other=0.0).to(tl.float32) * q_mult
             dst = q8_ptr + bh * S_PAD_M * D + rows[:, None] * D + offs_d[None, :]
             _quantize_block_store(x, valid, dst, q_scale_ptr + bh * N_BLK_M + pid, SOFT_ROUND)
@@ -102,14 +103,14 @@ def _quantize_qkv_kernel(
             col_sum = tl.zeros([D], dtype=tl.float32)
             for blk in range(0, N_BLK_N):
                 rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-                x = tl.load(base + rows[:, None] * s_ks + offs_d[None, :] * s_kd, mask=(rows < S)[:, None],
-                            other=0.0).to(tl.float32)
+                x = tl.load(base + rows.to(tl.int64)[:, None] * s_ks + offs_d[None, :] * s_kd,
+                            mask=(rows < S)[:, None], other=0.0).to(tl.float32)
                 col_sum += tl.sum(x, axis=0)
             mean = col_sum / S
             for blk in range(0, N_BLK_N):
                 rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
                 valid = (rows < S)[:, None]
-                x = tl.load(base + rows[:, None] * s_ks + offs_d[None, :] * s_kd, mask=valid,
+                x = tl.load(base + rows.to(tl.int64)[:, None] * s_ks + offs_d[None, :] * s_kd, mask=valid,
                             other=0.0).to(tl.float32)
                 dst = k8_ptr + bh * S_PAD_N * D + rows[:, None] * D + offs_d[None, :]
                 _quantize_block_store(x - mean[None, :], valid, dst, k_scale_ptr + bh * N_BLK_N + blk,
@@ -119,7 +120,7 @@ def _quantize_qkv_kernel(
         if pid < N_BLK_N:
             rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = (rows < S)[:, None]
-            src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vs + offs_d[None, :] * s_vd
+            src = v_ptr + b * s_vb + h * s_vh + rows.to(tl.int64)[:, None] * s_vs + offs_d[None, :] * s_vd
             x = tl.load(src, mask=valid, other=0.0).to(tl.float32)
             dst = v8t_ptr + bh * D * S_PAD_N + offs_d[None, :] * S_PAD_N + rows[:, None]
             _quantize_block_store(x, valid, dst, v_scale_ptr + bh * N_BLK_N + pid, SOFT_ROUND)
@@ -187,7 +188,7 @@ def _fp8_attention_fwd_kernel(
             tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, True, SOFT_ROUND,
         )
     out = acc / l_i[:, None]
-    dst = o_ptr + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od
+    dst = o_ptr + b * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_os + offs_d[None, :] * s_od
     tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
 
 

@@ -131,6 +131,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str) -> None
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "triton" and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q: head dim {q.shape[-1]} not supported by the Triton FP8 kernel {SUPPORTED_HEAD_DIMS}")
+    if path == "triton":
+        check_triton_path_device(q.device)
+
+
+def check_triton_path_device(device: torch.device, capability: tuple[int, int] | None = None) -> None:
+    """path="triton" on a GPU needs FP8 tensor cores (sm_89+); say which path to use instead of letting
+    Triton fail to compile the e4m3 MMAs (a raw CompilationError on sm_80)."""
+    if device.type != "cuda" or _interpret():
+        return
+    cap = tuple(capability) if capability is not None else torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(
+            f"path='triton': the FP8 attention kernel needs FP8 tensor cores (sm_89 or newer: L4/L40/RTX 4090, "
+            f"H100/H200), but {device} is sm_{cap[0]}{cap[1]}. Use path='auto' (it takes SDPA in the input dtype "
+            f"there), path='sdpa', or path='fa3'/'te' where installed.")
 
 
 def fp8_attention(
@@ -163,4 +178,5 @@ def fp8_attention(
     return _fp8_attention_op(q, k, v, float(softmax_scale), path)
 
 
-__all__ = ["fp8_attention", "kernel_config", "native_fp8_available", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["fp8_attention", "kernel_config", "native_fp8_available", "check_triton_path_device",
+           "SUPPORTED_HEAD_DIMS"]

@@ -102,7 +102,7 @@ def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
     device = pred_v.device
     n = row_size(pred_v)
     loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
-    block, chunk, n_chunks = reduce_sizes(n)
+    block, chunk, n_chunks = reduce_sizes(n, batch, pred_v.device)
     part = torch.empty((batch, n_chunks), dtype=torch.float32, device=device)
     pr, p_bs = as_rows(pred_v)
     xr, x_bs = as_rows(x0)

@@ -162,7 +162,7 @@ def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale
     n = row_size(student_v)
     loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
     coef = torch.empty((batch,), dtype=torch.float32, device=device)
-    block, chunk, n_chunks = reduce_sizes(n)
+    block, chunk, n_chunks = reduce_sizes(n, batch, device)
     part = torch.empty((4, batch, n_chunks), dtype=torch.float32, device=device)
     rows = [as_rows(t) for t in (student_v, a_v, b_v, xt, xt_teacher)]
     S, sv, ss, hs = sigma_launch_args(s_t, s, part)

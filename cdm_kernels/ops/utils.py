@@ -45,9 +45,13 @@ NS_TRITON = "cdm_kernels"
 NS_CPP = "cdm_kernels_cpp"
 
 # GPU launch sizes: one 1024-element block per program for elementwise kernels; reductions
-# walk a chunk of REDUCE_CHUNK elements per program and write one partial sum per chunk.
+# walk a chunk (a multiple of the block) per program and write one partial sum per chunk. The
+# chunk is sized so that a reduction launches about PROGRAMS_PER_SM programs per SM: fixed
+# 16,384-element chunks gave 256 programs at SD3 1024 px batch 16 and 128 for one video latent,
+# under two per SM on a 132-SM H200, too few to reach the memory bandwidth.
 GPU_BLOCK = 1024
-GPU_REDUCE_CHUNK = 16384
+PROGRAMS_PER_SM = 4
+DEFAULT_SM_COUNT = 132  # H100/H200 SXM: used when no CUDA device is visible (the compile check)
 # The interpreter costs ~0.5 ms per program instance: one big block per sample.
 INTERPRET_MAX_BLOCK = 1 << 16
 
@@ -152,18 +156,52 @@ def elementwise_block(n: int) -> int:
     return GPU_BLOCK
 
 
-def reduce_sizes(n: int) -> tuple[int, int, int]:
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device | None) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); DEFAULT_SM_COUNT for anything else."""
+    if device is None or device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def gpu_reduce_geometry(n: int, batch: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK, chunks per sample) for a GPU reduction of `batch` rows of `n` elements.
+
+    Enough chunks per sample that batch x chunks reaches PROGRAMS_PER_SM x sms (but never a chunk
+    below one block). Depends only on the shape and the SM count: deterministic on a given GPU.
+    """
+    chunks_wanted = max(1, -(-PROGRAMS_PER_SM * sms // max(batch, 1)))
+    per_chunk = -(-n // chunks_wanted)
+    chunk = max(GPU_BLOCK, -(-per_chunk // GPU_BLOCK) * GPU_BLOCK)
+    return GPU_BLOCK, chunk, -(-n // chunk)
+
+
+def reduce_programs(batch: int, n: int, sms: int) -> int:
+    """Programs of the first (partials) kernel of a reduction on a GPU with `sms` SMs."""
+    return batch * gpu_reduce_geometry(n, batch, sms)[2]
+
+
+def reduce_sizes(n: int, batch: int = 1, device: torch.device | None = None) -> tuple[int, int, int]:
     """(BLOCK, CHUNK, number of chunks per sample) of a row reduction."""
     if INTERPRET:
         block = max(16, min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK))
         chunk = block * triton.cdiv(n, block)  # one program per sample
-    else:
-        block, chunk = GPU_BLOCK, GPU_REDUCE_CHUNK
-    return block, chunk, triton.cdiv(n, chunk)
+        return block, chunk, triton.cdiv(n, chunk)
+    return gpu_reduce_geometry(n, batch, sm_count(device))
+
+
+FINALIZE_MAX_TILE = 512  # elements per accumulator tile of the one-program finalize kernels (registers)
 
 
 def finalize_block_sizes(batch: int, n_chunks: int) -> tuple[int, int]:
-    return min(max(triton.next_power_of_2(batch), 2), 128), min(max(triton.next_power_of_2(n_chunks), 2), 64)
+    block_c = min(max(triton.next_power_of_2(n_chunks), 2), 64)
+    block_b = min(max(triton.next_power_of_2(batch), 2), max(2, FINALIZE_MAX_TILE // block_c))
+    return block_b, block_c
 
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
