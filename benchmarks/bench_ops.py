@@ -125,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--providers", default="",
                         help="comma-separated subset of: reference, compile(reference), triton, cpp (default all)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", default="", help="also write one record per figure to this JSON file")
+    parser.add_argument("--shape", default="", help="run only the shapes whose label contains this text")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +135,9 @@ def main(argv=None):
         parser.error("--device cuda but no CUDA device")
     reps, warmup = (10, 2) if args.quick else (50, 5)
     shapes = SHAPES[device][:1] if args.quick else SHAPES[device]
+    if args.shape:
+        shapes = [sh for sh in SHAPES[device] if args.shape in sh[0]]
+    records = []
     ck.set_backend("reference")  # the providers are called directly; nothing goes through auto
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"device: {name}; torch {torch.__version__}; median of {reps} runs; copy bandwidth measured per "
@@ -155,6 +160,18 @@ def main(argv=None):
         row = f"| {shape_label} | copy (dst.copy_(src), one input) | torch | | {copy_bw:.1f} | 100% | | |"
         lines.append(row)
         print(row, flush=True)
+        records.append({"figure": "copy_bandwidth", "shape": shape_label, "gbps": copy_bw, "device": name})
+        if device == "cuda":  # launch geometry of the loss reductions (cdm_kernels/ops/utils.py)
+            from cdm_kernels.ops.utils import reduce_programs, sm_count
+
+            sms = sm_count(torch.device("cuda"))
+            programs = reduce_programs(shape[0], numel // shape[0], sms)
+            row = (f"| {shape_label} | reduction launch geometry | triton | {programs} programs on {sms} SMs = "
+                   f"{programs / sms:.1f} per SM | | | | |")
+            lines.append(row)
+            print(row, flush=True)
+            records.append({"figure": "reduction_programs_per_sm", "shape": shape_label, "programs": programs,
+                            "sms": sms, "per_sm": programs / sms})
         for label, reads, writes, run, backward in cases:
             if wanted and not any(w in label for w in wanted):
                 continue
@@ -184,6 +201,8 @@ def main(argv=None):
                     row = f"| {shape_label} | {label} | {pname} | failed: {type(exc).__name__}: {exc} | | | | |"
                     lines.append(row)
                     print(row, flush=True)
+                    records.append({"figure": "op_time", "shape": shape_label, "op": label, "provider": pname,
+                                    "error": f"{type(exc).__name__}: {exc}"[:300]})
                     continue
                 if pname == "reference":
                     eager_sec = sec
@@ -193,6 +212,14 @@ def main(argv=None):
                        f"{gbps:.1f} | {100 * gbps / copy_bw:.0f}% | {speedup} | {extra} |")
                 lines.append(row)
                 print(row, flush=True)
+                records.append({"figure": "op_time", "shape": shape_label, "dtype": str(dtype), "op": label,
+                                "provider": pname, "median_ms": sec * 1e3, "gbps": gbps,
+                                "fraction_of_copy_bw": gbps / copy_bw,
+                                "speedup_vs_eager": (eager_sec / sec) if eager_sec else None, "device": name})
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(records, indent=1))
     if args.markdown:
         with open(args.markdown, "a") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -336,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="sd3-medium-shape depth (default 24)")
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium-shape image side in pixels")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--json", default=None, help="also write the summary (reference vs fast) to this JSON file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="extra config override for both modes, e.g. schedule.max_steps=28 (the official Nmax)")
     p.add_argument("--iters", type=int, default=30, help="timed iterations per mode")
@@ -398,6 +399,9 @@ def main(argv=None) -> int:
                "gpu": {mode: r["gpu"] for mode, r in results.items()},
                "ablation_ms": {mode: r["median_ms"] for mode, r in results.items() if mode.startswith("fast-no-")}}
     print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"figure": "bench_step", "preset": args.preset, "device": args.device,
+                                               "batch": args.batch, "layers": args.layers, **summary}, indent=1))
     return 0
 
 

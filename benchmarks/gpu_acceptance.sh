@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# GPU acceptance: every figure the CPU cannot give, in one run of at most ~9 minutes on one H100/H200.
+#
+#   benchmarks/gpu_acceptance.sh                 # on the GPU machine, from the repository root
+#   benchmarks/gpu_acceptance.sh --cpu-dry-run   # the same steps on the CPU (interpreter, tiny shapes)
+#
+# Writes everything under $OUT (default ./gpu_out): one log and one JSON per step, steps.jsonl (exit
+# code and seconds of each step) and summary.json (one record per figure). Each step runs under its
+# own timeout, and the steps share one deadline (CDM_ACCEPTANCE_BUDGET_S, default 530 s), so a slow
+# step shortens the later ones instead of overrunning. A failing step is recorded and the run goes on.
+#
+# The GPU machines have torch and triton but no diffusers: wheels placed in benchmarks/wheels/ (or
+# listed in $CDM_WHEELS) are installed first with --no-deps into $OUT/site, which goes on PYTHONPATH;
+# steps that need diffusers are skipped cleanly when it is absent. Nothing is installed system-wide.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+if [ "${1:-}" = "--cpu-dry-run" ]; then DRY=1; fi
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+: > "$OUT/steps.jsonl"
+BUDGET="${CDM_ACCEPTANCE_BUDGET_S:-530}"
+START=$(date +%s)
+
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x .venv/bin/python ] && [ "$DRY" = 1 ]; then PY=.venv/bin/python
+else PY=python3; fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  CPU=--cpu
+else
+  unset TRITON_INTERPRET
+  CPU=
+fi
+
+# step NAME SECONDS CMD...: run CMD under min(SECONDS, time left), log to $OUT/NAME.log, record the result.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local now left rc t0
+  now=$(date +%s); left=$(( BUDGET - (now - START) ))
+  if [ "$left" -lt 15 ]; then
+    echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"out of time budget\"}" >> "$OUT/steps.jsonl"
+    echo "[$name] skipped: out of time budget"; return 0
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 )), \"limit_s\": $limit}" >> "$OUT/steps.jsonl"
+  echo "[$name] rc=$rc ($(( $(date +%s) - t0 )) s, limit $limit s)"
+  return 0
+}
+
+# Carried wheels (diffusers is pure Python): installed into $OUT/site, never system-wide.
+WHEELS=$(ls benchmarks/wheels/*.whl 2>/dev/null; echo "${CDM_WHEELS:-}")
+WHEELS=$(echo $WHEELS)
+if [ -n "$WHEELS" ]; then
+  step install_wheels 90 "$PY" -m pip install --no-deps --no-index --target "$OUT/site" $WHEELS
+  export PYTHONPATH="$OUT/site:$PYTHONPATH"
+fi
+HAS_DIFFUSERS=$("$PY" -c "import diffusers" >/dev/null 2>&1 && echo 1 || echo 0)
+
+step env 60 "$PY" benchmarks/gpu_checks.py env $CPU --out "$OUT/env.json"
+step ops 100 "$PY" benchmarks/gpu_checks.py ops $CPU --out "$OUT/ops.json"
+step fp8 60 "$PY" benchmarks/gpu_checks.py fp8 $CPU --out "$OUT/fp8.json"
+step graphs 60 "$PY" benchmarks/gpu_checks.py graphs $CPU --out "$OUT/graphs.json"
+if [ "$DRY" = 1 ]; then
+  # No CUDA: every gpu-marked test must skip cleanly (that is what is checked here).
+  step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_compile.py
+else
+  step pytest_gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs tests/
+fi
+if [ "$DRY" = 1 ]; then
+  step bench_attention 120 "$PY" benchmarks/bench_attention.py --device cpu --quick --section attention \
+    --out "$OUT/bench_attention.json"
+  step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cpu --quick --ops dm_loss --providers reference \
+    --json "$OUT/bench_ops.json"
+else
+  step bench_attention 90 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
+    --out "$OUT/bench_attention.json"
+  step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --quick --json "$OUT/bench_ops.json" \
+    --markdown "$OUT/bench_ops.md"
+fi
+if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
+  step bench_step 150 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 \
+    --batch 4 --layers 4 --iters 8 --warmup 3 --json "$OUT/bench_step.json"
+elif [ "$DRY" = 1 ]; then
+  step bench_step 120 "$PY" benchmarks/bench_step.py --device cpu --preset tiny --iters 2 --warmup 1 --threads 1 \
+    --json "$OUT/bench_step.json"
+else
+  echo "{\"step\": \"bench_step\", \"rc\": null, \"skipped\": \"diffusers not importable (carry its wheel)\"}" \
+    >> "$OUT/steps.jsonl"
+  echo "[bench_step] skipped: diffusers not importable"
+fi
+"$PY" benchmarks/gpu_checks.py summary --dir "$OUT"
+echo "done in $(( $(date +%s) - START )) s; results in $OUT (summary.json)"

@@ -1,0 +1,37 @@
+"""benchmarks/gpu_acceptance.sh --cpu-dry-run: every step of the GPU acceptance run works end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None, reason="needs bash + timeout")
+def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_acceptance.sh"), "--cpu-dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    names = [s["step"] for s in steps]
+    assert names == ["env", "ops", "fp8", "graphs", "pytest_gpu", "bench_attention", "bench_ops", "bench_step"]
+    failed = [s for s in steps if s["rc"] != 0]
+    assert not failed, [(s, (out / f"{s['step']}.log").read_text()[-2000:]) for s in failed]
+    summary = json.loads((out / "summary.json").read_text())
+    figures = {r.get("figure") for r in summary}
+    assert {"op_check", "fp8_attention_sqnr", "cuda_graph_loss", "copy_bandwidth", "op_time", "bench_step",
+            "attention", "step"} <= figures
+    checks = [r for r in summary if r.get("figure") == "op_check"]
+    assert len(checks) >= 14 and all(r["passed"] for r in checks)
+    assert {r["op"] for r in checks} >= {"euler_extrapolate", "dm_loss", "cfg_loss", "flow_matching_loss seeded"}
+    sqnr = [r for r in summary if r.get("figure") == "fp8_attention_sqnr"]
+    assert sqnr and all(r["passed"] and r["sqnr_vs_float64_db"] > 20 for r in sqnr)
+    env_record = next(r for r in summary if r.get("source") == "env.json")
+    assert env_record["cuda_available"] is False and "diffusers" in env_record["optional"]
