@@ -119,6 +119,18 @@ class TrainConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA (peft) for the student and/or the fake teacher on the frozen teacher's weights (cdm_train/lora.py)."""
+
+    student: bool = False  # the student is an adapter (needs fake too: one shared base, official LoRA mode)
+    fake: bool = False  # the fake teacher is an adapter on the frozen teacher's weights
+    rank: int = 64  # official default
+    alpha: float = 128.0  # official default
+    include_ff: bool = True  # also the feed-forward linears (official lora_include_ff)
+    target_modules: list[str] | None = None  # None: the official SD3 attention projections (+ FFN)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -126,6 +138,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,6 +344,11 @@ def validate(cfg: Config) -> None:
         for key in ("cuda_graphs_teacher", "rollout_graphs", "overlap_teacher_calls"):
             _require(not getattr(cfg.speed, key), f"speed.{key}", "is not supported with train.parallel=fsdp "
                      "(FSDP re-allocates the unsharded weights every forward); use ddp or switch it off")
+
+
+    from .lora import validate_lora
+
+    validate_lora(cfg)
 
 
 def reference_mode(cfg: Config) -> None:

@@ -334,7 +334,8 @@ def _wants_cuda(cfg: Config) -> bool:
 def enable_gradient_checkpointing(net: torch.nn.Module) -> None:
     """diffusers models (and any module holding one) recompute block activations in backward."""
     found = False
-    for mod in net.modules():
+    modules = net.base_modules() if hasattr(net, "base_modules") else net.modules()  # LoRA views: the shared base
+    for mod in modules:
         if hasattr(mod, "enable_gradient_checkpointing") and getattr(mod, "_supports_gradient_checkpointing", False):
             mod.enable_gradient_checkpointing()
             found = True

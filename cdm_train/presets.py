@@ -227,12 +227,19 @@ def _quiet_diffusers():
 def build_models(cfg: Config, device: torch.device) -> Models:
     """Teacher (frozen), student and fake teacher (trainable copies of the teacher)."""
     teacher, adapter, sampler, latent = build_teacher(cfg, device)
+    lora = cfg.lora.student or cfg.lora.fake
     with _quiet_diffusers():  # diffusers warns on any .to(dtype); the casts here are deliberate
         teacher = teacher.float()
-        student = copy.deepcopy(teacher).train()
-        fake = copy.deepcopy(teacher).train()
+        # Only the full networks are copies; LoRA networks are adapters on the frozen teacher (lora.py).
+        student = copy.deepcopy(teacher).train() if not cfg.lora.student else None
+        fake = copy.deepcopy(teacher).train() if not cfg.lora.fake else None
         teacher = teacher.to(teacher_dtype(cfg, device)).eval().requires_grad_(False)
     for net in (student, fake):
-        net.requires_grad_(True)
+        if net is not None:
+            net.requires_grad_(True)
+    if lora:
+        from .lora import attach
+
+        student, fake, teacher = attach(cfg, teacher, student)
     return Models(student=student, fake=fake, teacher=teacher, adapter=adapter, sample_cond=sampler,
                   latent_shape=tuple(latent), shift=resolve_shift(cfg))

@@ -1,0 +1,143 @@
+"""LoRA students and fake teachers on the frozen teacher's weights (cdm_train/lora.py)."""
+
+import pytest
+import torch
+
+from cdm_train.config import ConfigError, make_config
+from cdm_train.lora import AdapterView, adapter_state_dict
+from cdm_train.trainer import Trainer
+
+from .helpers import tiny_config
+
+LORA = ["lora.student=true", "lora.fake=true", "lora.rank=4", "lora.alpha=8"]
+FAKE_ONLY = ["lora.fake=true", "lora.rank=4", "lora.alpha=8", "optim.fake_merge_decay=1.0"]
+
+
+def _velocity(tr, net, seed=0):
+    m = tr.models
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, *m.latent_shape, generator=g)
+    sigma = torch.rand(3, generator=g)
+    cond = m.sample_cond(3, g)
+    with torch.no_grad():
+        return m.adapter(net, x, sigma, cond)
+
+
+def test_zero_initialised_adapters_give_the_base_forward(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, *LORA))
+    m = tr.models
+    assert isinstance(m.student, AdapterView) and isinstance(m.fake, AdapterView)
+    base = _velocity(tr, m.teacher)
+    assert torch.equal(_velocity(tr, m.student), base) and torch.equal(_velocity(tr, m.fake), base)
+    # ... and the adapters are live: a non-zero B changes the student, not the teacher or the fake teacher.
+    with torch.no_grad():
+        for name, p in m.student.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    assert not torch.allclose(_velocity(tr, m.student), base)
+    assert torch.equal(_velocity(tr, m.teacher), base) and torch.equal(_velocity(tr, m.fake), base)
+
+
+def test_only_adapters_are_trained_and_one_base_serves_all_three(tmp_path):
+    full = Trainer(tiny_config(tmp_path / "full"))
+    tr = Trainer(tiny_config(tmp_path / "lora", *LORA))
+    m = tr.models
+    n_full = sum(p.numel() for p in full.models.student.parameters())
+    n_adapter = sum(p.numel() for p in m.student.parameters())
+    assert 0 < n_adapter < n_full / 2
+    assert {id(p) for p in m.student.parameters()}.isdisjoint({id(p) for p in m.fake.parameters()})
+    assert list(m.teacher.parameters()) == []  # frozen: nothing of it is trained or checkpointed
+    assert m.student.peft_model is m.fake.peft_model is m.teacher.peft_model  # one base in memory
+    opt_params = [p for group in tr.student_opt.param_groups for p in group["params"]]
+    assert sum(p.numel() for p in opt_params) == n_adapter
+    base_before = [p.detach().clone() for n, p in m.teacher.peft_model.named_parameters() if "lora_" not in n]
+    teacher_before = _velocity(tr, m.teacher)
+    tr.train(steps=4)
+    # The real teacher (base with adapters disabled) is untouched by the adapters' training.
+    base_after = [p for n, p in m.teacher.peft_model.named_parameters() if "lora_" not in n]
+    assert all(torch.equal(a, b) for a, b in zip(base_before, base_after))
+    assert torch.equal(_velocity(tr, m.teacher), teacher_before)
+    assert not torch.equal(_velocity(tr, m.fake), teacher_before)  # the fake adapter did learn something
+
+
+def test_lora_run_learns_and_resumes_exactly(tmp_path):
+    import cdm_kernels as ck
+
+    straight = Trainer(tiny_config(tmp_path / "a", *LORA, "train.steps=12", "train.checkpoint_every=6"))
+    m = straight.models
+    g = torch.Generator().manual_seed(5)
+    cond = m.sample_cond(32, g)
+    x0 = torch.randn(32, *m.latent_shape, generator=g) * 0.5
+    sigma = torch.rand(32, generator=g).clamp(0.02, 0.98)
+
+    def heldout():
+        with torch.no_grad():
+            xt = ck.renoise(x0, sigma, seed=3)
+            return float(ck.flow_matching_loss(m.adapter(m.fake, xt, sigma, cond), x0, seed=3))
+
+    before = heldout()
+    straight.train()
+    assert heldout() < 0.99 * before  # the fake adapter fits flow matching
+    first = Trainer(tiny_config(tmp_path / "b", *LORA, "train.steps=12", "train.checkpoint_every=6"))
+    first.train(steps=6)
+    resumed = Trainer(tiny_config(tmp_path / "b", *LORA, "train.steps=12", "train.checkpoint_every=6"))
+    resumed.resume()
+    resumed.train()
+    losses = [(r["step"], r["loss_fake"], r.get("loss_student")) for r in first.history + resumed.history]
+    assert losses == [(r["step"], r["loss_fake"], r.get("loss_student")) for r in straight.history]
+    for a, b in ((straight.models.student, resumed.models.student), (straight.models.fake, resumed.models.fake),
+                 (straight.ema.module, resumed.ema.module)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_merge_blends_the_adapters(tmp_path):
+    d = 0.5
+    tr = Trainer(tiny_config(tmp_path, *LORA, f"optim.fake_merge_decay={d}", "train.batch_size=2",
+                             "schedule.max_steps=2"))
+    m = tr.models
+
+    def zero_lr(opt, base_lr, warmup, steps_taken):
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+
+    tr._set_lr = zero_lr
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(0.1)
+    fake0 = [p.detach().clone() for p in m.fake.parameters()]
+    student0 = [p.detach().clone() for p in m.student.parameters()]
+    tr.train_step()
+    for f, f0, s0 in zip(m.fake.parameters(), fake0, student0):
+        torch.testing.assert_close(f.detach(), d * f0 + (1 - d) * s0)
+
+
+def test_full_student_with_a_lora_fake_teacher(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, *FAKE_ONLY, "train.steps=3"))
+    m = tr.models
+    assert not isinstance(m.student, AdapterView) and isinstance(m.fake, AdapterView)
+    assert m.fake.peft_model is m.teacher.peft_model  # the fake teacher rides on the frozen teacher
+    teacher_before = _velocity(tr, m.teacher)
+    tr.train()
+    assert torch.equal(_velocity(tr, m.teacher), teacher_before)
+    with pytest.raises(ConfigError, match="optim.fake_merge_decay"):
+        make_config("tiny", overrides=["lora.fake=true"])  # the default merge is undefined here
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["lora.student=true"], "lora.student"),
+    ([*LORA, "train.parallel=ddp"], "train.parallel"),
+    ([*LORA, "speed.cuda_graphs_teacher=true"], "speed.cuda_graphs_teacher"),
+    ([*LORA, "speed.fp8_attention_teacher=true"], "speed.fp8_attention_teacher"),
+    ([*LORA, "speed.compile_student=true"], "speed.compile_student"),
+    ([*LORA, "lora.rank=0"], "lora.rank"),
+])
+def test_unsupported_combinations_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_config("tiny", overrides=overrides)
+
+
+def test_adapter_state_dict_uses_diffusers_names(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, *LORA))
+    sd = adapter_state_dict(tr.models.student)
+    assert sd and all(k.startswith("transformer_blocks.") and (".lora_A." in k or ".lora_B." in k) for k in sd)
+    assert any(".attn.to_q.lora_A.weight" in k for k in sd) and any(".ff.net.2.lora_B.weight" in k for k in sd)
