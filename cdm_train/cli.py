@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
 
+    x = sub.add_parser("export", help="write a trained student as a diffusers pipeline, transformer or LoRA file",
+                       description="Export a run's student (EMA weights by default) for diffusers: --format pipeline "
+                       "(the teacher's other components + the student transformer + the trained schedule), "
+                       "transformer, or lora (LoRA students; load with pipe.load_lora_weights(DIR)).")
+    x.add_argument("--checkpoint", required=True, help="run directory (checkpoint.pt or checkpoint_dcp/) or file")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--format", default="pipeline", choices=["pipeline", "transformer", "lora"])
+    x.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the student EMA (default) or, with --no-ema, the raw student")
+    x.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype (default bf16)")
+    x.add_argument("--link", action="store_true",
+                   help="symlink the teacher's other components (text encoders, VAE) instead of copying them")
+
     d = sub.add_parser("demo", help="the embedded default: digits teacher -> 4-step student, with a quality report")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--quick", action="store_true", help="a shortened run (for smoke tests)")
@@ -229,6 +242,16 @@ def cmd_train_teacher(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import META_NAME, export
+
+    out = export(args.checkpoint, args.out, fmt=args.format, ema=args.ema, dtype=args.dtype, link=args.link)
+    meta = json.loads((out / META_NAME).read_text())
+    print(f"wrote {out} ({args.format}, {'EMA' if args.ema else 'raw'} weights, {args.dtype}); sample with "
+          f"sigmas={meta['sigmas']} (the scheduler applies shift {meta['shift']})")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = make_config(args.preset, args.config, args.overrides, default_preset="digits")
     print(to_yaml(cfg), end="")
@@ -245,7 +268,7 @@ def cmd_encode_prompts(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "train-teacher": cmd_train_teacher,
-            "config": cmd_config, "encode-prompts": cmd_encode_prompts}
+            "config": cmd_config, "encode-prompts": cmd_encode_prompts, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,19 +105,30 @@ class AdapterView(torch.nn.Module):
 
 @contextlib.contextmanager
 def activate(peft_model, adapter: str | None):
+    """Run with `adapter` active on the shared base (None: adapters disabled, the real teacher).
+
+    peft's set_adapter / disable_adapter also flip requires_grad (inactive or disabled adapters are
+    frozen). Here every adapter must stay trainable: autograd skips accumulating into a leaf whose
+    requires_grad is False *at backward time*, so a teacher call between the student's forward and its
+    backward would silently drop the student's gradient. So the flags are restored after each switch.
+    """
     if adapter is None:
-        with peft_model.disable_adapter():
-            yield
+        try:
+            with peft_model.disable_adapter():
+                yield
+        finally:
+            _restore_trainable(peft_model)
         return
     if getattr(peft_model, "_cdm_active", None) != adapter:
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
         peft_model.set_adapter(adapter)
-        # peft marks the inactive adapters frozen; every adapter stays trainable here (only the active one
-        # takes part in a forward, so only it gets gradients).
-        for p in trainable:
-            p.requires_grad_(True)
+        _restore_trainable(peft_model)
         peft_model._cdm_active = adapter
     yield
+
+
+def _restore_trainable(peft_model) -> None:
+    for p in getattr(peft_model, "_cdm_adapter_params", ()):
+        p.requires_grad_(True)
 
 
 def _lora_config(cfg: Config):
@@ -141,6 +152,7 @@ def attach(cfg: Config, teacher: torch.nn.Module, student: torch.nn.Module | Non
         p.requires_grad_(is_adapter)
         if is_adapter and p.dtype != torch.float32:
             p.data = p.data.float()
+    peft_model._cdm_adapter_params = [p for p in peft_model.parameters() if p.requires_grad]
     teacher_view = AdapterView(peft_model, None)
     fake_view = AdapterView(peft_model, FAKE)
     student_net = AdapterView(peft_model, STUDENT) if lc.student else student

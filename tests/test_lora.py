@@ -58,6 +58,9 @@ def test_only_adapters_are_trained_and_one_base_serves_all_three(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(base_before, base_after))
     assert torch.equal(_velocity(tr, m.teacher), teacher_before)
     assert not torch.equal(_velocity(tr, m.fake), teacher_before)  # the fake adapter did learn something
+    # ... and so did the student's (its backward comes after teacher calls that switch adapters off).
+    assert any(float(p.abs().max()) > 0 for n, p in m.student.named_parameters() if "lora_B" in n)
+    assert not torch.equal(_velocity(tr, m.student), teacher_before)
 
 
 def test_lora_run_learns_and_resumes_exactly(tmp_path):

@@ -1,0 +1,174 @@
+"""`cdm-train export`: a trained student as files the usual tools load.
+
+    cdm-train export --checkpoint RUN --out DIR [--format pipeline|transformer|lora] [--no-ema] [--dtype bf16]
+
+- ``pipeline``: a diffusers pipeline directory: the teacher's other components (text encoders,
+  tokenizers, VAE: copied, or symlinked with --link) from ``model.path``, the student transformer,
+  a scheduler config carrying the model's shift, and ``cdm_export.json`` with the few-step sigmas the
+  student was trained for. ``StableDiffusion3Pipeline.from_pretrained(DIR)`` loads it; pass
+  ``sigmas=`` from cdm_export.json (the official inference: ``[1.0, 0.75, 0.5, 0.25]``, which the
+  scheduler shifts).
+- ``transformer``: the student transformer alone (``SD3Transformer2DModel.from_pretrained(DIR)``).
+- ``lora``: a LoRA student's adapter as ``pytorch_lora_weights.safetensors``, loadable with the base
+  pipeline's ``load_lora_weights(DIR)`` (only for runs with ``lora.student: true``).
+
+Weights: the student EMA by default (the official save.py does the same), ``--no-ema`` the raw
+student; LoRA students are merged into the base for ``pipeline``/``transformer``. Reads single-process
+and DDP runs (``checkpoint.pt``) and FSDP2 runs (``checkpoint_dcp/``, converted on the fly).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, config_from_dict
+
+FORMATS = ("pipeline", "transformer", "lora")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OFFICIAL_INFERENCE_SIGMAS = [1.0, 0.75, 0.5, 0.25]
+META_NAME = "cdm_export.json"
+
+
+def load_run(run: str | Path) -> dict[str, Any]:
+    """The checkpoint of a run directory or file: checkpoint.pt, or an FSDP2 DCP directory (converted)."""
+    from .distributed import DCP_DIR, DCP_META
+
+    path = Path(run)
+    if path.is_file():
+        return ckpt.load(path)
+    if (path / ckpt.CHECKPOINT_NAME).is_file():
+        return ckpt.load(path)
+    dcp_dir = path if (path / DCP_META).is_file() else path / DCP_DIR
+    if (dcp_dir / DCP_META).is_file():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            flat = Path(tmp) / "full.pt"
+            dcp_to_torch_save(str(dcp_dir), str(flat))
+            state = torch.load(flat, map_location="cpu", weights_only=False)
+        state.update(ckpt.load(dcp_dir / DCP_META))
+        return state
+    raise ConfigError(f"--checkpoint: no {ckpt.CHECKPOINT_NAME} or {DCP_DIR}/ in {str(path)!r}")
+
+
+def trained_sigmas(cfg) -> list[float]:
+    """The few-step schedule the student is meant to be sampled with (before the scheduler's shift)."""
+    if cfg.schedule.fixed is not None:
+        return [float(s) for s in cfg.schedule.fixed]
+    return list(OFFICIAL_INFERENCE_SIGMAS)
+
+
+def student_transformer(state: dict[str, Any], cfg, *, ema: bool) -> torch.nn.Module:
+    """A plain diffusers transformer holding the student's (EMA) weights, LoRA merged."""
+    from .presets import build_models
+
+    models = build_models(cfg, torch.device("cpu"))
+    weights = state["ema"] if ema else state["student"]
+    if cfg.lora.student:
+        from .lora import FAKE, STUDENT
+
+        view = models.student
+        view.load_state_dict(weights)
+        peft_model = view.peft_model
+        peft_model.delete_adapter(FAKE)
+        peft_model.set_adapter(STUDENT)
+        return peft_model.merge_and_unload()
+    models.student.load_state_dict(weights)
+    return models.student
+
+
+def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool = True, dtype: str = "bf16",
+           link: bool = False) -> Path:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    state = load_run(run)
+    cfg = config_from_dict(state["config"])
+    if cfg.model.preset == "digits":
+        raise ConfigError("--checkpoint: a digits run has no diffusers pipeline to export; use `cdm-train sample`")
+    out = Path(out)
+    if fmt == "pipeline" and not cfg.model.path:
+        raise ConfigError(f"--format pipeline: the run's model.path is unset (preset {cfg.model.preset!r}), so "
+                          f"there are no text encoders / VAE to ship; use --format transformer")
+    if fmt == "lora" and not cfg.lora.student:
+        raise ConfigError("--format lora: this run trained a full student (lora.student: false); export it with "
+                          "--format transformer or pipeline")
+    from .presets import resolve_shift
+
+    shift = resolve_shift(cfg)
+    meta = {"sigmas": trained_sigmas(cfg), "num_inference_steps": len(trained_sigmas(cfg)), "guidance_scale": 1.0,
+            "shift": shift.value if shift.mu is None else None, "dynamic_shift_mu": shift.mu, "ema": ema,
+            "step": int(state.get("step", 0)), "source": str(Path(run).resolve()), "preset": cfg.model.preset,
+            "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
+                     "alpha": cfg.lora.alpha}}
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "lora":
+        _export_lora(state, cfg, out, ema=ema, dtype=DTYPES[dtype])
+    else:
+        transformer = student_transformer(state, cfg, ema=ema).to(DTYPES[dtype])
+        target = out / "transformer" if fmt == "pipeline" else out
+        transformer.save_pretrained(str(target))
+        if fmt == "pipeline":
+            _copy_components(Path(cfg.model.path), out, link=link, shift=shift)
+    (out / META_NAME).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _export_lora(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from .lora import adapter_state_dict
+    from .presets import build_models
+
+    models = build_models(cfg, torch.device("cpu"))
+    view = models.student
+    weights = state["ema"] if ema else state["student"]
+    layers = {k: v.to(dtype) for k, v in adapter_state_dict(view, weights).items()}
+    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata={
+                                                   "r": cfg.lora.rank, "lora_alpha": _num(cfg.lora.alpha),
+                                                   "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]
+                                                                             for k in layers})})
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _copy_components(src: Path, out: Path, *, link: bool, shift) -> None:
+    """Everything of the teacher's pipeline directory except its transformer; the scheduler carries the shift."""
+    if not (src / "model_index.json").is_file():
+        raise ConfigError(f"--format pipeline: {str(src)!r} has no model_index.json (not a diffusers pipeline "
+                          f"directory); use --format transformer")
+    for item in src.iterdir():
+        if item.name in ("transformer", META_NAME):
+            continue
+        dst = out / item.name
+        if dst.exists() or dst.is_symlink():
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            else:
+                dst.unlink()
+        if link:
+            dst.symlink_to(item.resolve(), target_is_directory=item.is_dir())
+        elif item.is_dir():
+            shutil.copytree(item, dst)
+        else:
+            shutil.copy2(item, dst)
+    sched = out / "scheduler" / "scheduler_config.json"
+    if sched.is_file() and shift.mu is None:
+        conf = json.loads(sched.read_text())
+        if conf.get("shift") != shift.value:
+            if sched.is_symlink():  # never edit the teacher's own file through a link
+                sched.parent.unlink() if sched.parent.is_symlink() else sched.unlink()
+                shutil.copytree(src / "scheduler", out / "scheduler")
+            conf["shift"] = shift.value
+            sched.write_text(json.dumps(conf, indent=1))

@@ -1,0 +1,151 @@
+"""`cdm-train export`: a tiny SD3 pipeline built offline, 2 training steps, export, and diffusers loads it."""
+
+import json
+
+import pytest
+import torch
+
+from cdm_train.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+# The tiny pipeline has no text encoders (the checks feed precomputed embeddings): say so when loading it.
+NO_TEXT = {name: None for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                                   "tokenizer_3", "image_encoder", "feature_extractor")}
+
+
+@pytest.fixture(scope="module")
+def sd3_pipeline_dir(tmp_path_factory):
+    """transformer (the tiny preset's architecture), scheduler with SD3's shift 3, a one-block VAE; no text
+    encoders (training and the checks use precomputed embeddings)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from cdm_train.presets import TINY_ARCH
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1)
+    pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**TINY_ARCH),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    root = tmp_path_factory.mktemp("sd3-tiny")
+    pipe.save_pretrained(root)
+    g = torch.Generator().manual_seed(1)
+    embeds = {"encoder_hidden_states": torch.randn(6, 5, 16, generator=g),
+              "pooled_projections": torch.randn(6, 8, generator=g),
+              "null_encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+              "null_pooled_projections": torch.randn(1, 8, generator=g)}
+    torch.save(embeds, root / "embeds.pt")
+    return root
+
+
+def _train(run, model_dir, *extra):
+    args = ["train", "--preset", "sd3-medium", "--set", f"model.path={model_dir}", "--set",
+            f"model.prompt_embeds={model_dir / 'embeds.pt'}", "--set", "model.resolution=64", "--set",
+            "train.batch_size=2", "--set", "schedule.max_steps=3", "--set", "optim.update_ratio=1",
+            "--set", "optim.student_lr=1e-2", "--set", "optim.student_warmup_steps=0", "--set", "optim.ema_decay=0.5",
+            "--steps", "2", "--out", str(run), "--no-progress"]
+    for e in extra:
+        args += ["--set", e]
+    assert main(args) == 0
+
+
+def _pipeline_latents(pipe, embeds, noise, sigmas):
+    out = pipe(prompt_embeds=embeds["encoder_hidden_states"], pooled_prompt_embeds=embeds["pooled_projections"],
+               latents=noise.clone(), sigmas=sigmas, num_inference_steps=len(sigmas), guidance_scale=1.0,
+               height=8, width=8, output_type="latent", return_dict=False)[0]
+    return out.float()
+
+
+def test_exported_pipeline_loads_and_matches_our_sampler(sd3_pipeline_dir, tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from cdm_train.checkpoint import load
+    from cdm_train.config import config_from_dict
+    from cdm_train.presets import build_teacher, resolve_shift
+    from cdm_train.sampling import sample_euler
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    _train(run, sd3_pipeline_dir)
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    meta = json.loads((out / "cdm_export.json").read_text())
+    assert meta["sigmas"] == [1.0, 0.75, 0.5, 0.25] and meta["shift"] == 3.0 and meta["ema"] is True
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    assert (out / "vae").is_dir() and (out / "model_index.json").is_file()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), torch_dtype=torch.float32, **NO_TEXT)
+
+    state = load(run)
+    cfg = config_from_dict(state["config"])
+    ours, adapter, _, latent = build_teacher(cfg, torch.device("cpu"))
+    ours.load_state_dict(state["ema"])
+    teacher = SD3Transformer2DModel.from_pretrained(str(sd3_pipeline_dir), subfolder="transformer")
+    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), teacher.parameters()))  # it trained
+    g = torch.Generator().manual_seed(7)
+    embeds = {k: v[:2] for k, v in torch.load(sd3_pipeline_dir / "embeds.pt").items() if not k.startswith("null")}
+    noise = torch.randn(2, *latent, generator=g)
+    theirs = _pipeline_latents(pipe, embeds, noise, meta["sigmas"])
+    with torch.no_grad():
+        mine = sample_euler(ours.eval(), adapter, embeds, noise, 4, sigmas=meta["sigmas"] + [0.0],
+                            shift=resolve_shift(cfg))
+    torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
+
+    # --format transformer: the same weights, loadable on their own.
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "tr"), "--format", "transformer",
+                 "--dtype", "fp32"]) == 0
+    alone = SD3Transformer2DModel.from_pretrained(str(tmp_path / "tr"))
+    assert all(torch.equal(a, b) for a, b in zip(alone.parameters(), pipe.transformer.parameters()))
+    # A full student has no LoRA file to give: a clear refusal, exit 2.
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "lora"]) == 2
+
+
+def test_lora_file_loads_into_the_base_pipeline_like_the_merged_export(sd3_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tmp_path / "run"
+    _train(run, sd3_pipeline_dir, "lora.student=true", "lora.fake=true", "lora.rank=4", "lora.alpha=8",
+           "lora.include_ff=true")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "lora"), "--format", "lora",
+                 "--dtype", "fp32"]) == 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"), torch_dtype=torch.float32, **NO_TEXT)
+    base = StableDiffusion3Pipeline.from_pretrained(str(sd3_pipeline_dir), torch_dtype=torch.float32, **NO_TEXT)
+    g = torch.Generator().manual_seed(3)
+    embeds = {k: v[:2] for k, v in torch.load(sd3_pipeline_dir / "embeds.pt").items() if not k.startswith("null")}
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    plain = _pipeline_latents(base, embeds, noise, sigmas)
+    base.load_lora_weights(str(tmp_path / "lora"))
+    with_lora = _pipeline_latents(base, embeds, noise, sigmas)
+    from_merged = _pipeline_latents(merged, embeds, noise, sigmas)
+    assert not torch.allclose(plain, from_merged, atol=1e-4)  # the adapter changed the model
+    torch.testing.assert_close(with_lora, from_merged, rtol=1e-4, atol=1e-4)
+
+
+def test_export_reads_an_fsdp2_distributed_checkpoint(sd3_pipeline_dir, tmp_path):
+    """An FSDP2 run leaves checkpoint_dcp/ (tensors, saved by every rank) + meta.pt; export converts it."""
+    import torch.distributed.checkpoint as dcp
+    from diffusers import SD3Transformer2DModel
+
+    from cdm_train.checkpoint import load, save_atomic
+
+    run = tmp_path / "run"
+    _train(run, sd3_pipeline_dir)
+    state = load(run)
+    dcp_run = tmp_path / "fsdp_run"
+    dcp.save({k: state[k] for k in ("student", "fake", "ema")}, checkpoint_id=str(dcp_run / "checkpoint_dcp"))
+    save_atomic({k: state[k] for k in ("step", "config", "counters", "rng")}, dcp_run / "checkpoint_dcp" / "meta.pt")
+    for src, name in ((run, "a"), (dcp_run, "b")):
+        assert main(["export", "--checkpoint", str(src), "--out", str(tmp_path / name), "--format", "transformer",
+                     "--dtype", "fp32"]) == 0
+    a = SD3Transformer2DModel.from_pretrained(str(tmp_path / "a"))
+    b = SD3Transformer2DModel.from_pretrained(str(tmp_path / "b"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
