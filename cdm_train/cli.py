@@ -59,9 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
 
-    s = sub.add_parser("sample", help="generate images from a checkpoint at any step count")
-    s.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    s.add_argument("--steps", type=int, default=4, help="Euler steps (default 4)")
+    s = sub.add_parser("sample", help="generate images from a checkpoint at any step count",
+                       description="Sample a trained student. Digits/tiny runs: a PNG grid (--out FILE.png). Runs on a "
+                       "diffusers model (sd3-medium): VAE-decoded PNGs in the --out directory, from --prompt/--prompts "
+                       "when the model has text encoders, else from the run's precomputed embeddings; the trained "
+                       "few-step schedule and the model's shift. --pipeline: an exported pipeline.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint file or run directory")
+    src.add_argument("--pipeline", help="a pipeline directory written by `cdm-train export`")
+    s.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; diffusers runs)")
+    s.add_argument("--prompts", default=None, help="a text file, one prompt per line (diffusers runs)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="Euler steps (default: 4; diffusers runs: the trained schedule's length)")
     s.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
     s.add_argument("--guidance", type=float, default=None,
                    help="CFG scale at sampling time (default: none; the student has guidance distilled in)")
@@ -184,17 +193,38 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from . import checkpoint as ckpt
     from .config import config_from_dict
     from .images import save_grid
     from .presets import build_teacher, resolve_device, resolve_shift
     from .sampling import sample_euler, uniform_sigmas
 
-    if args.steps < 1 or args.num < 1:
+    if (args.steps is not None and args.steps < 1) or args.num < 1:
         raise ConfigError("--steps and --num must be >= 1")
-    state = ckpt.load(args.checkpoint)
-    cfg = config_from_dict(state["config"])
     device = resolve_device(args.device)
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from .prompts import read_prompts
+
+        prompts += read_prompts(args.prompts)
+    if args.pipeline:
+        from .sample_images import sample_pipeline
+
+        paths = sample_pipeline(args.pipeline, args.out, prompts=prompts, seed=args.seed, device=device)
+        print(f"wrote {len(paths)} images to {Path(args.out)}")
+        return 0
+    from .export import load_run
+
+    state = load_run(args.checkpoint)
+    cfg = config_from_dict(state["config"])
+    if cfg.model.path and cfg.model.preset != "digits":  # a diffusers model: decode with its VAE
+        from .sample_images import sample_checkpoint
+
+        out = Path(args.out).with_suffix("") if Path(args.out).suffix == ".png" else Path(args.out)
+        paths = sample_checkpoint(args.checkpoint, out, num=args.num, steps=args.steps, seed=args.seed,
+                                  ema=args.weights == "ema", prompts=prompts or None, device=device)
+        print(f"wrote {len(paths)} images to {out} (prompts in {out / 'prompts.txt'})")
+        return 0
+    args.steps = 4 if args.steps is None else args.steps
     model, adapter, sample_cond, latent = build_teacher(cfg, device)
     model.load_state_dict(state["ema" if args.weights == "ema" else "student"])
     model = model.float().eval()
