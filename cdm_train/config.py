@@ -27,13 +27,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | digits | sd3-medium | sd3-medium-shape
+    preset: str = "tiny"  # tiny | digits | sd3-medium | sd3-medium-shape | flux | flux-shape | flux-tiny
     path: str | None = None  # sd3-medium: local diffusers directory (holding transformer/)
     prompt_embeds: str | None = None  # sd3-medium: file of precomputed text embeddings
     teacher_path: str | None = None  # digits: teacher checkpoint (None: the one shipped in the package)
     layers: int | None = None  # sd3-medium-shape: transformer depth (None: full 24)
     resolution: int = 1024  # sd3-medium-shape: image side in pixels (latent = resolution / 8)
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    flux_guidance: float = 3.5  # flux presets: the guidance embedding of guidance-distilled teachers (Flux-dev)
 
 
 @dataclass

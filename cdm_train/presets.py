@@ -43,7 +43,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sd3-medium-shape": {
         "train": {"batch_size": 4},
     },
+    "flux": {  # a local diffusers Flux directory (model.path) + precomputed embeddings; dynamic shift
+        "train": {"batch_size": 4, "log_every": 10, "checkpoint_every": 500},
+    },
+    "flux-shape": {  # random-init Flux-dev architecture for benchmarks (model.layers, model.resolution)
+        "train": {"batch_size": 4},
+    },
+    "flux-tiny": {  # random-init tiny Flux (guidance embedding, packed latents) for tests and CPU runs
+        "schedule": {"max_steps": 8},
+        "optim": {"student_lr": 1e-4, "fake_lr": 3e-3, "student_warmup_steps": 2, "fake_warmup_steps": 4},
+        "train": {"steps": 20, "batch_size": 4, "log_every": 5, "checkpoint_every": 10},
+    },
 }
+FLUX_PRESETS = ("flux", "flux-shape", "flux-tiny")
 
 SD3_MEDIUM_ARCH = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -53,6 +65,14 @@ TINY_ARCH = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, atten
                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
 TINY_TEXT_TOKENS = 6
+FLUX_DEV_ARCH = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56))
+FLUX_TEXT_TOKENS = 512  # T5 tokens (FluxPipeline max_sequence_length)
+FLUX_TINY_ARCH = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                      num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
+                      axes_dims_rope=(2, 2, 4))
+FLUX_LATENT_CHANNELS = 16  # unpacked; the transformer sees 2x2 packs of 64
 
 
 class PromptBank:
@@ -83,12 +103,23 @@ class Models:
 
 
 SD3_SHIFT = 3.0  # SD3-Medium's scheduler_config.json
+FLUX_TINY_SIDE = 8
 
 
 def resolve_shift(cfg: Config) -> Shift:
     """schedule.shift when set; else the model's own: the scheduler config in model.path, else SD3's 3.0."""
     if cfg.schedule.shift is not None:
         return Shift(float(cfg.schedule.shift))
+    if cfg.model.preset in FLUX_PRESETS:  # resolution-dependent (dynamic) shift, as FluxPipeline computes it
+        from .schedule import flux_mu
+
+        side = FLUX_TINY_SIDE if cfg.model.preset == "flux-tiny" else cfg.model.resolution // 8
+        seq_len = (side // 2) ** 2
+        if cfg.model.preset == "flux" and cfg.model.path:
+            found = shift_from_scheduler_config(cfg.model.path, image_seq_len=seq_len)
+            if found is not None:
+                return found
+        return Shift(mu=flux_mu(seq_len))
     if cfg.model.preset == "sd3-medium" and cfg.model.path:
         found = shift_from_scheduler_config(cfg.model.path)
         if found is not None:
@@ -200,6 +231,8 @@ def build_teacher(cfg: Config, device: torch.device):
         side = cfg.model.resolution // 8
         latent = (teacher.config.in_channels, side, side)
         return teacher.to(device), SD3Adapter(null), sampler, latent
+    if preset in FLUX_PRESETS:
+        return _build_flux(cfg, device)
     if preset == "digits":
         from . import digits
 
@@ -207,6 +240,59 @@ def build_teacher(cfg: Config, device: torch.device):
         sampler = lambda batch, generator: digits.class_sampler(batch, generator, device)  # noqa: E731
         return teacher, ClassLabelAdapter(digits.NULL_CLASS), sampler, tuple(digits.LATENT_SHAPE)
     raise ConfigError(f"model.preset: unknown preset {preset!r}")
+
+
+def _with_guidance(sampler, value: float):
+    """Flux conditioning carries the per-sample guidance embedding value (FluxAdapter)."""
+    def sample(batch, generator):
+        cond = sampler(batch, generator)
+        device = cond["pooled_projections"].device
+        return {**cond, "guidance": torch.full((batch,), float(value), device=device)}
+    return sample
+
+
+def _build_flux(cfg: Config, device: torch.device):
+    from diffusers import FluxTransformer2DModel
+
+    from .adapters import FluxAdapter
+
+    preset = cfg.model.preset
+    if preset == "flux":
+        if not cfg.model.path:
+            raise ConfigError("model.path: the flux preset needs a local diffusers directory")
+        if not cfg.model.prompt_embeds:
+            raise ConfigError("model.prompt_embeds: the flux preset needs precomputed prompt embeddings")
+        root = Path(cfg.model.path)
+        if not root.is_dir():
+            raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
+        if Path(cfg.model.prompt_embeds).is_dir():
+            from .prompts import StreamingPromptBank
+
+            bank_sampler = StreamingPromptBank(cfg.model.prompt_embeds, device)
+            null = bank_sampler.null()
+        else:
+            bank, null = _load_prompt_embeds(cfg.model.prompt_embeds, device)
+            bank_sampler = PromptBank(bank)
+        sub = "transformer" if (root / "transformer").is_dir() else None
+        teacher = FluxTransformer2DModel.from_pretrained(str(root), subfolder=sub, torch_dtype=torch.float32)
+        side = cfg.model.resolution // 8
+        channels = teacher.config.in_channels // 4
+    else:
+        tiny = preset == "flux-tiny"
+        arch = dict(FLUX_TINY_ARCH if tiny else FLUX_DEV_ARCH)
+        if not tiny and cfg.model.layers is not None:  # double-stream blocks; single-stream blocks twice as many
+            arch["num_layers"], arch["num_single_layers"] = cfg.model.layers, 2 * cfg.model.layers
+        torch.manual_seed(cfg.train.seed)
+        with torch.device(device):
+            teacher = FluxTransformer2DModel(**arch)
+        tokens = TINY_TEXT_TOKENS if tiny else FLUX_TEXT_TOKENS
+        bank, null = _random_bank(8 if tiny else 4, tokens, arch["joint_attention_dim"],
+                                  arch["pooled_projection_dim"], device)
+        bank_sampler = PromptBank(bank)
+        side = FLUX_TINY_SIDE if tiny else cfg.model.resolution // 8
+        channels = FLUX_LATENT_CHANNELS
+    adapter = FluxAdapter(null, guidance_embeds=teacher.config.guidance_embeds)
+    return teacher.to(device), adapter, _with_guidance(bank_sampler, cfg.model.flux_guidance), (channels, side, side)
 
 
 @contextlib.contextmanager
