@@ -1,0 +1,96 @@
+"""Computed (not measured) memory per GPU of full vs LoRA fake teacher vs LoRA student, SD3-Medium and Flux-dev.
+
+    python benchmarks/memory_lora.py [--batch 4] [--rank 64] [--markdown FILE]
+
+Parameter counts come from the real architectures on the meta device, the LoRA adapter size from
+peft itself (rank `--rank`, the official SD3 attention + FFN targets). State bytes per mode:
+
+- full + full: student and fake teacher fp32 params + grads + AdamW m, v (16 B each), EMA fp32 (4 B),
+  frozen teacher bf16 (2 B): 38 P.
+- full student + LoRA fake: 16 P (student) + 4 P (EMA) + 2 P (the teacher, also the fake's base)
+  + 16 A (fake adapter): 22 P + 16 A.
+- LoRA + LoRA: 2 P (one bf16 base for all three) + 16 A (student) + 4 A (EMA) + 16 A (fake): 2 P + 36 A.
+
+Activations: the student step's forwards with gradient (2 in fast mode), the estimate of
+memory_distributed.py (34 bytes per token, hidden unit and block in bf16, no checkpointing); a LoRA
+student keeps the same activations (its base's inputs are still needed for the adapters' backward).
+One process per GPU (`train.parallel: none`): LoRA is not yet supported with DDP / FSDP2 here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory_distributed import ACT_BYTES_PER_TOKEN_HIDDEN, GiB  # noqa: E402
+
+GRAD_FORWARDS = 2
+
+
+def counts(model_name: str, resolution: int, rank: int) -> dict[str, int]:
+    from peft import LoraConfig, get_peft_model
+
+    from cdm_train.lora import SD3_FF_TARGETS, SD3_TARGETS
+    from cdm_train.presets import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS, SD3_MEDIUM_ARCH, SD3_TEXT_TOKENS
+
+    with torch.device("meta"):
+        if model_name == "SD3-Medium":
+            from diffusers import SD3Transformer2DModel
+
+            model = SD3Transformer2DModel(**dict(SD3_MEDIUM_ARCH, sample_size=resolution // 8))
+            side = resolution // 8 // 2
+            tokens, blocks = side * side + SD3_TEXT_TOKENS, SD3_MEDIUM_ARCH["num_layers"]
+            hidden = SD3_MEDIUM_ARCH["num_attention_heads"] * SD3_MEDIUM_ARCH["attention_head_dim"]
+        else:
+            from diffusers import FluxTransformer2DModel
+
+            model = FluxTransformer2DModel(**FLUX_DEV_ARCH)
+            side = resolution // 16
+            tokens = side * side + FLUX_TEXT_TOKENS
+            blocks = FLUX_DEV_ARCH["num_layers"] + FLUX_DEV_ARCH["num_single_layers"]
+            hidden = FLUX_DEV_ARCH["num_attention_heads"] * FLUX_DEV_ARCH["attention_head_dim"]
+        params = sum(p.numel() for p in model.parameters())
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                      target_modules=SD3_TARGETS + SD3_FF_TARGETS))
+        adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    return {"params": params, "adapter": adapter, "tokens": tokens, "blocks": blocks, "hidden": hidden}
+
+
+def table(batch: int, rank: int) -> list[str]:
+    lines = [f"Computed, not measured. 1024 px, batch {batch} per GPU, LoRA rank {rank} (alpha {2 * rank}) on the "
+             f"attention + FFN linears, fast mode (2 forwards with gradient), no gradient checkpointing, one process "
+             f"per GPU.", "",
+             "| model | params P | adapter A | mode | states GiB | activations GiB | **total GiB / GPU** |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("SD3-Medium", "Flux-dev"):
+        c = counts(name, 1024, rank)
+        p, a = c["params"], c["adapter"]
+        act = GRAD_FORWARDS * batch * c["blocks"] * ACT_BYTES_PER_TOKEN_HIDDEN * c["tokens"] * c["hidden"]
+        for mode, states in (("full student + full fake", 38 * p), ("full student + LoRA fake", 22 * p + 16 * a),
+                             ("LoRA student + LoRA fake", 2 * p + 36 * a)):
+            lines.append(f"| {name} | {p / 1e9:.2f} B | {a / 1e6:.0f} M | {mode} | {states / GiB:.1f} | "
+                         f"{act / GiB:.1f} | **{(states + act) / GiB:.1f}** |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args(argv)
+    lines = table(args.batch, args.rank)
+    print("\n".join(lines))
+    if args.markdown:
+        with open(args.markdown, "a") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
