@@ -94,6 +94,9 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
     cfg = config_from_dict(state["config"])
     if cfg.model.preset == "digits":
         raise ConfigError("--checkpoint: a digits run has no diffusers pipeline to export; use `cdm-train sample`")
+    if cfg.model.preset.startswith("flux"):
+        raise ConfigError("--checkpoint: exporting Flux runs is not supported yet (SD3 runs only); the run's "
+                          "checkpoint.pt holds the student's weights under 'ema' / 'student'")
     out = Path(out)
     if fmt == "pipeline" and not cfg.model.path:
         raise ConfigError(f"--format pipeline: the run's model.path is unset (preset {cfg.model.preset!r}), so "

@@ -75,6 +75,8 @@ def sample_checkpoint(run: str | Path, out: str | Path, *, num: int, steps: int 
 
     state = load_run(run)
     cfg = config_from_dict(state["config"])
+    if cfg.model.preset.startswith("flux"):
+        raise ConfigError("--checkpoint: decoding Flux runs is not supported yet (SD3 runs only)")
     if not cfg.model.path:
         raise ConfigError(f"--checkpoint: preset {cfg.model.preset!r} has no model directory with a VAE; "
                           f"this command decodes images for runs on a diffusers model (model.path)")
