@@ -116,6 +116,13 @@ def _providers(device):
     return providers
 
 
+def _dump(path: str, records: list) -> None:
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps(records, indent=1))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -216,10 +223,8 @@ def main(argv=None):
                                 "provider": pname, "median_ms": sec * 1e3, "gbps": gbps,
                                 "fraction_of_copy_bw": gbps / copy_bw,
                                 "speedup_vs_eager": (eager_sec / sec) if eager_sec else None, "device": name})
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(records, indent=1))
+                _dump(args.json, records)  # after every row: a run cut short by a timeout keeps what it measured
+    _dump(args.json, records)
     if args.markdown:
         with open(args.markdown, "a") as fh:
             fh.write("\n".join(lines) + "\n")
