@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -24,22 +23,21 @@ WORLD = 2
 GLOBAL_BATCH = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world: int, *args) -> None:
-    port = _free_port()
-    mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
+    # Rendezvous through a file in a fresh directory, not a TCP port: a "free port" picked up front and
+    # released can be taken by another process (another suite, another job) before rank 0 binds it.
+    # gloo's own connections bind port 0 themselves.
+    import tempfile
+
+    store = Path(tempfile.mkdtemp(prefix="cdm-gloo-")) / "store"
+    mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never inherited from a torchrun around pytest
         os.environ.pop(k, None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _config(out: Path, *overrides: str):
@@ -128,12 +126,12 @@ def _full_params(module) -> list[torch.Tensor]:
     return [_full(p).clone() for p in module.parameters()]
 
 
-def _equivalence_and_resume_worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
+def _equivalence_and_resume_worker(rank: int, world: int, store: str, tmp: str, mode: str) -> None:
     try:
         from cdm_train.trainer import Trainer
 
         tmp_path = Path(tmp)
-        _init(rank, world, port)
+        _init(rank, world, store)
         # (1) single process, the whole batch (each rank computes it: no collective involved)
         # optim.eps=1e-3: Adam's first step is g / (|g| + eps); with the default 1e-8, elements whose
         # gradient is at the rounding level would move by up to lr in either run, hiding real errors.
@@ -187,11 +185,11 @@ def _equivalence_and_resume_worker(rank: int, world: int, port: int, tmp: str, m
             dist.destroy_process_group()
 
 
-def _reshard_worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _reshard_worker(rank: int, world: int, store: str, tmp: str) -> None:
     """An FSDP checkpoint written by 2 ranks, loaded on `world` ranks (DCP reshards)."""
     from cdm_train.trainer import Trainer
 
-    _init(rank, world, port)
+    _init(rank, world, store)
     try:
         tr = Trainer(_config(Path(tmp) / "resumed", "train.parallel=fsdp", "train.steps=4"))
         tr.resume()
