@@ -65,23 +65,41 @@ def trained_sigmas(cfg) -> list[float]:
     return list(OFFICIAL_INFERENCE_SIGMAS)
 
 
-def student_transformer(state: dict[str, Any], cfg, *, ema: bool) -> torch.nn.Module:
-    """A plain diffusers transformer holding the student's (EMA) weights, LoRA merged."""
-    from .presets import build_models
+def load_student(state: dict[str, Any], cfg, *, ema: bool, device=None):
+    """(transformer with the student's (EMA) weights, LoRA merged; adapter; cond sampler; latent shape).
 
-    models = build_models(cfg, torch.device("cpu"))
+    Builds one copy of the model only (the teacher's architecture, the student's weights), not the
+    trainer's three.
+    """
+    from .presets import build_teacher
+
+    device = device or torch.device("cpu")
+    model, adapter, sample_cond, latent = build_teacher(cfg, device)
+    model = model.float()
     weights = state["ema"] if ema else state["student"]
     if cfg.lora.student:
-        from .lora import FAKE, STUDENT
+        from .lora import FAKE, STUDENT, attach
 
-        view = models.student
-        view.load_state_dict(weights)
-        peft_model = view.peft_model
+        student, _, _ = attach(cfg, model.eval().requires_grad_(False), None)
+        student.load_state_dict(weights)
+        peft_model = student.peft_model
         peft_model.delete_adapter(FAKE)
         peft_model.set_adapter(STUDENT)
-        return peft_model.merge_and_unload()
-    models.student.load_state_dict(weights)
-    return models.student
+        model = peft_model.merge_and_unload()
+    else:
+        model.load_state_dict(weights)
+    return model.eval(), adapter, sample_cond, tuple(latent)
+
+
+def student_transformer(state: dict[str, Any], cfg, *, ema: bool) -> torch.nn.Module:
+    """A plain diffusers transformer holding the student's (EMA) weights, LoRA merged."""
+    return load_student(state, cfg, ema=ema)[0]
+
+
+def pipeline_class(cfg):
+    import diffusers
+
+    return diffusers.FluxPipeline if cfg.model.preset.startswith("flux") else diffusers.StableDiffusion3Pipeline
 
 
 def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool = True, dtype: str = "bf16",
@@ -94,9 +112,6 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
     cfg = config_from_dict(state["config"])
     if cfg.model.preset == "digits":
         raise ConfigError("--checkpoint: a digits run has no diffusers pipeline to export; use `cdm-train sample`")
-    if cfg.model.preset.startswith("flux"):
-        raise ConfigError("--checkpoint: exporting Flux runs is not supported yet (SD3 runs only); the run's "
-                          "checkpoint.pt holds the student's weights under 'ema' / 'student'")
     out = Path(out)
     if fmt == "pipeline" and not cfg.model.path:
         raise ConfigError(f"--format pipeline: the run's model.path is unset (preset {cfg.model.preset!r}), so "
@@ -107,7 +122,12 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
     from .presets import resolve_shift
 
     shift = resolve_shift(cfg)
-    meta = {"sigmas": trained_sigmas(cfg), "num_inference_steps": len(trained_sigmas(cfg)), "guidance_scale": 1.0,
+    flux = cfg.model.preset.startswith("flux")
+    # guidance_scale: SD3 students have the guidance distilled in (no CFG, 1.0); a Flux student keeps the
+    # guidance embedding it was trained with (FluxPipeline feeds guidance_scale to that embedding).
+    meta = {"pipeline": pipeline_class(cfg).__name__, "sigmas": trained_sigmas(cfg),
+            "num_inference_steps": len(trained_sigmas(cfg)),
+            "guidance_scale": cfg.model.flux_guidance if flux else 1.0,
             "shift": shift.value if shift.mu is None else None, "dynamic_shift_mu": shift.mu, "ema": ema,
             "step": int(state.get("step", 0)), "source": str(Path(run).resolve()), "preset": cfg.model.preset,
             "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
@@ -126,16 +146,14 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
 
 
 def _export_lora(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype) -> None:
-    from diffusers import StableDiffusion3Pipeline
+    from .lora import adapter_state_dict, attach
+    from .presets import build_teacher
 
-    from .lora import adapter_state_dict
-    from .presets import build_models
-
-    models = build_models(cfg, torch.device("cpu"))
-    view = models.student
+    base, _, _, _ = build_teacher(cfg, torch.device("cpu"))
+    view, _, _ = attach(cfg, base.float().eval().requires_grad_(False), None)
     weights = state["ema"] if ema else state["student"]
     layers = {k: v.to(dtype) for k, v in adapter_state_dict(view, weights).items()}
-    StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=layers,
+    pipeline_class(cfg).save_lora_weights(str(out), transformer_lora_layers=layers,
                                                transformer_lora_adapter_metadata={
                                                    "r": cfg.lora.rank, "lora_alpha": _num(cfg.lora.alpha),
                                                    "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]

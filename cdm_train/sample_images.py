@@ -19,10 +19,9 @@ def _has_text_encoders(model_dir: Path) -> bool:
     return (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir()
 
 
-def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Generator, device) -> tuple[dict, list]:
+def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Generator, device,
+                 sample_cond) -> tuple[dict, list]:
     """(cond dict, labels): encoded prompts when given (needs text encoders), else precomputed rows."""
-    from .presets import build_teacher
-
     if prompts:
         model_dir = Path(cfg.model.path or "")
         if not _has_text_encoders(model_dir):
@@ -32,9 +31,10 @@ def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Gene
 
         pipe = load_text_pipeline(model_dir, device, torch.float32)
         with torch.no_grad():
-            cond = encode_batch(pipe, prompts, device, max_sequence_length=256)
-        return {k: v.float() for k, v in cond.items()}, list(prompts)
-    _, _, sample_cond, _ = build_teacher(cfg, device)
+            cond = {k: v.float() for k, v in encode_batch(pipe, prompts, device, max_sequence_length=256).items()}
+        if cfg.model.preset.startswith("flux"):  # FluxAdapter: the guidance embedding the student was trained with
+            cond["guidance"] = torch.full((len(prompts),), float(cfg.model.flux_guidance), device=device)
+        return cond, list(prompts)
     return sample_cond(num, generator), [f"embedding row (draw {i})" for i in range(num)]
 
 
@@ -67,28 +67,25 @@ def save_pngs(images: torch.Tensor, out: Path, labels: list[str]) -> list[Path]:
 
 def sample_checkpoint(run: str | Path, out: str | Path, *, num: int, steps: int | None, seed: int, ema: bool,
                       prompts: list[str] | None, device: torch.device) -> list[Path]:
-    from .adapters import SD3Adapter
     from .config import config_from_dict
-    from .export import load_run, student_transformer, trained_sigmas
+    from .export import load_run, load_student, trained_sigmas
     from .presets import resolve_shift
     from .sampling import sample_euler, uniform_sigmas
 
     state = load_run(run)
     cfg = config_from_dict(state["config"])
-    if cfg.model.preset.startswith("flux"):
-        raise ConfigError("--checkpoint: decoding Flux runs is not supported yet (SD3 runs only)")
     if not cfg.model.path:
         raise ConfigError(f"--checkpoint: preset {cfg.model.preset!r} has no model directory with a VAE; "
                           f"this command decodes images for runs on a diffusers model (model.path)")
-    model = student_transformer(state, cfg, ema=ema).to(device).float().eval()
+    model, adapter, sample_cond, latent = load_student(state, cfg, ema=ema, device=device)
     g = torch.Generator().manual_seed(seed)
     n = len(prompts) if prompts else num
-    cond, labels = conditioning(cfg, prompts, n, g, device)
-    side = cfg.model.resolution // 8
-    noise = torch.randn((n, model.config.in_channels, side, side), generator=g).to(device)
+    cond, labels = conditioning(cfg, prompts, n, g, device, sample_cond)
+    noise = torch.randn((n, *latent), generator=g).to(device)
     sigmas = trained_sigmas(cfg) if steps is None or steps == len(trained_sigmas(cfg)) else uniform_sigmas(steps)[:-1]
-    latents = sample_euler(model, SD3Adapter({k: v[:1] for k, v in cond.items()}), cond, noise, len(sigmas),
-                           sigmas=list(sigmas) + [0.0], shift=resolve_shift(cfg))
+    with torch.no_grad():
+        latents = sample_euler(model, adapter, cond, noise, len(sigmas), sigmas=list(sigmas) + [0.0],
+                               shift=resolve_shift(cfg))
     return save_pngs(decode(latents, Path(cfg.model.path)), Path(out), labels)
 
 

@@ -102,3 +102,73 @@ def test_tiny_flux_trains_and_resumes_exactly(tmp_path):
     assert [(r["step"], r["loss_fake"], r.get("loss_student")) for r in first.history + resumed.history] == key
     fakes = [r["loss_fake"] for r in straight.history]
     assert all(f == f and f > 0 for f in fakes)  # finite, non-trivial losses
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline_dir(tmp_path_factory):
+    """A tiny FluxPipeline directory: the flux-tiny transformer, Flux's dynamic-shift scheduler, a one-block
+    16-channel VAE, no text encoders (precomputed embeddings)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from cdm_train.presets import FLUX_TINY_ARCH
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(16,), latent_channels=16,
+                        norm_num_groups=4, layers_per_block=1, scaling_factor=0.3611, shift_factor=0.1159)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=FluxTransformer2DModel(**FLUX_TINY_ARCH))
+    root = tmp_path_factory.mktemp("flux-tiny")
+    pipe.save_pretrained(root)
+    g = torch.Generator().manual_seed(1)
+    torch.save({"encoder_hidden_states": torch.randn(6, 5, 16, generator=g),
+                "pooled_projections": torch.randn(6, 8, generator=g),
+                "null_encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+                "null_pooled_projections": torch.randn(1, 8, generator=g)}, root / "embeds.pt")
+    return root
+
+
+def test_flux_export_pipeline_and_images(flux_pipeline_dir, tmp_path):
+    import json
+
+    from diffusers import FluxPipeline
+
+    from cdm_train.adapters import pack_latents
+    from cdm_train.checkpoint import load
+    from cdm_train.cli import main
+    from cdm_train.config import config_from_dict
+    from cdm_train.export import load_student
+    from cdm_train.sampling import sample_euler
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    args = ["train", "--preset", "flux", "--set", f"model.path={flux_pipeline_dir}", "--set",
+            f"model.prompt_embeds={flux_pipeline_dir / 'embeds.pt'}", "--set", "model.resolution=64",
+            "--set", "train.batch_size=2", "--set", "schedule.max_steps=3", "--set", "optim.update_ratio=1",
+            "--set", "optim.student_warmup_steps=0", "--set", "optim.student_lr=1e-2", "--steps", "2",
+            "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    meta = json.loads((out / "cdm_export.json").read_text())
+    assert meta["pipeline"] == "FluxPipeline" and meta["guidance_scale"] == 3.5 and meta["dynamic_shift_mu"]
+    no_text = {k: None for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    pipe = FluxPipeline.from_pretrained(str(out), torch_dtype=torch.float32, **no_text)
+    state = load(run)
+    cfg = config_from_dict(state["config"])
+    model, adapter, sample_cond, latent = load_student(state, cfg, ema=True)
+    g = torch.Generator().manual_seed(4)
+    cond = sample_cond(2, g)
+    noise = torch.randn(2, *latent, generator=g)
+    theirs = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                  latents=pack_latents(noise), sigmas=meta["sigmas"], num_inference_steps=4,
+                  guidance_scale=meta["guidance_scale"], height=8, width=8, output_type="latent",
+                  return_dict=False)[0]
+    from cdm_train.presets import resolve_shift
+
+    with torch.no_grad():
+        mine = sample_euler(model, adapter, cond, noise, 4, sigmas=meta["sigmas"] + [0.0], shift=resolve_shift(cfg))
+    torch.testing.assert_close(theirs.float(), pack_latents(mine), rtol=1e-4, atol=1e-5)
+    imgs = tmp_path / "imgs"
+    assert main(["sample", "--checkpoint", str(run), "--num", "2", "--out", str(imgs), "--device", "cpu"]) == 0
+    assert len(list(imgs.glob("*.png"))) == 2
