@@ -102,6 +102,11 @@ class AdapterView(torch.nn.Module):
     def base_modules(self):
         return self.peft_model.modules()
 
+    def backward_context(self):
+        """Activate this adapter for a backward pass: with gradient checkpointing the base's blocks are
+        recomputed during backward, and by then a teacher or fake-teacher call may have switched adapters."""
+        return activate(self.peft_model, self.adapter)
+
 
 @contextlib.contextmanager
 def activate(peft_model, adapter: str | None):

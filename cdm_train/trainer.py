@@ -129,7 +129,8 @@ class Trainer:
             sg = training_sigmas(cfg, d.uniform, ro.sigma_i)
             with self.autocast():
                 loss_fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
-            loss_fake.backward()
+            with getattr(m.fake, "backward_context", contextlib.nullcontext)():
+                loss_fake.backward()
             o = cfg.optim
             self._set_lr(self.fake_opt, o.fake_lr, o.fake_warmup_steps, self.counters["fake_updates"])
             if self._optimizer_step(m.fake, self.fake_opt, loss_fake):
@@ -140,7 +141,9 @@ class Trainer:
             if (self.step + 1) % cfg.optim.update_ratio == 0:
                 with self.autocast():
                     sl = student_losses(cfg, m.student, m.teacher, m.fake, m.adapter, ro, cond, sg, rnd)
-                sl.total.backward()
+                # LoRA on a shared base: recomputed (checkpointed) blocks must see the student's adapter.
+                with getattr(m.student, "backward_context", contextlib.nullcontext)():
+                    sl.total.backward()
                 self._set_lr(self.student_opt, o.student_lr, o.student_warmup_steps, self.counters["student_updates"])
                 if self._optimizer_step(m.student, self.student_opt, sl.total):
                     self.counters["student_updates"] += 1
