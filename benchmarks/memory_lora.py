@@ -14,7 +14,7 @@ peft itself (rank `--rank`, the official SD3 attention + FFN targets). State byt
 Activations: the student step's forwards with gradient (2 in fast mode), the estimate of
 memory_distributed.py (34 bytes per token, hidden unit and block in bf16, no checkpointing); a LoRA
 student keeps the same activations (its base's inputs are still needed for the adapters' backward).
-One process per GPU (`train.parallel: none`): LoRA is not yet supported with DDP / FSDP2 here.
+Per GPU, for one process or `train.parallel: ddp` (same per-rank state); FSDP2 is refused with LoRA.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ tensors) and whose forward activates its adapter on the shared base (or disables
 teacher). Adapter B matrices start at zero (peft's "gaussian" init, as the official code), so the
 first student and fake forwards equal the teacher's.
 
-Refused with LoRA (a clear ConfigError): FSDP and DDP (not yet tested with a shared base), CUDA graphs
+Several GPUs: DDP works (each adapter view is its own DDP module: only the adapters are all-reduced and
+broadcast; the frozen base is built identically on every rank). Tested against a single process.
+
+Refused with LoRA (a clear ConfigError): FSDP (it would shard the shared base under three views), CUDA graphs
 and rollout graphs (a captured graph would bake in one adapter), regional compile of a LoRA student, and
 the FP8 switches (patching the shared base's attention would change the fake teacher's and the student's
 no-grad passes too).
@@ -56,9 +59,10 @@ def validate_lora(cfg: Config) -> None:
     if lc.fake and not lc.student and cfg.optim.fake_merge_decay < 1.0:
         raise ConfigError("optim.fake_merge_decay: the fake<-student merge is undefined between a full student and a "
                           "LoRA fake teacher; set optim.fake_merge_decay=1.0 (off), or lora.student=true")
-    if cfg.train.parallel != "none":
-        raise ConfigError(f"train.parallel: {cfg.train.parallel} is not supported with LoRA yet (one shared base "
-                          f"serves several networks); use train.parallel=none")
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("train.parallel: fsdp is not supported with LoRA (FSDP2 would shard the one base that "
+                          "the student, fake and real teacher share); use train.parallel=ddp (the base is small "
+                          "next to three full copies) or none")
     for key in ("cuda_graphs_teacher", "rollout_graphs", "fp8_attention_teacher", "fp8_attention_fake",
                 "fp8_attention_rollout", "fp8_linear_teacher"):
         if getattr(sp, key):

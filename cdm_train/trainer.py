@@ -129,7 +129,7 @@ class Trainer:
             sg = training_sigmas(cfg, d.uniform, ro.sigma_i)
             with self.autocast():
                 loss_fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
-            with getattr(m.fake, "backward_context", contextlib.nullcontext)():
+            with getattr(unwrap(m.fake), "backward_context", contextlib.nullcontext)():
                 loss_fake.backward()
             o = cfg.optim
             self._set_lr(self.fake_opt, o.fake_lr, o.fake_warmup_steps, self.counters["fake_updates"])
@@ -142,7 +142,7 @@ class Trainer:
                 with self.autocast():
                     sl = student_losses(cfg, m.student, m.teacher, m.fake, m.adapter, ro, cond, sg, rnd)
                 # LoRA on a shared base: recomputed (checkpointed) blocks must see the student's adapter.
-                with getattr(m.student, "backward_context", contextlib.nullcontext)():
+                with getattr(unwrap(m.student), "backward_context", contextlib.nullcontext)():
                     sl.total.backward()
                 self._set_lr(self.student_opt, o.student_lr, o.student_warmup_steps, self.counters["student_updates"])
                 if self._optimizer_step(m.student, self.student_opt, sl.total):

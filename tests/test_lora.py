@@ -128,7 +128,7 @@ def test_full_student_with_a_lora_fake_teacher(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     (["lora.student=true"], "lora.student"),
-    ([*LORA, "train.parallel=ddp"], "train.parallel"),
+    ([*LORA, "train.parallel=fsdp"], "train.parallel"),
     ([*LORA, "speed.cuda_graphs_teacher=true"], "speed.cuda_graphs_teacher"),
     ([*LORA, "speed.fp8_attention_teacher=true"], "speed.fp8_attention_teacher"),
     ([*LORA, "speed.compile_student=true"], "speed.compile_student"),
@@ -170,3 +170,101 @@ def test_gradient_checkpointing_works_on_the_shared_base(tmp_path):
     assert len(grads["plain"]) == len(grads["ckpt"]) > 0
     for g1, g2 in zip(grads["plain"], grads["ckpt"]):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def _lora_ddp_worker(rank: int, world: int, store: str, tmp: str) -> None:
+    """LoRA + LoRA under DDP (2 gloo ranks, half batch each) vs one process on the whole batch; then a DDP
+    run with gradient checkpointing, checkpointed and resumed."""
+    import json
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from cdm_train.distributed import unwrap
+
+    from .test_distributed import (
+        GLOBAL_BATCH,
+        _config,
+        _explicit_batch,
+        _explicit_step,
+        _init,
+        _perturbed_models,
+        _rows,
+    )
+
+    try:
+        tmp_path = Path(tmp)
+        _init(rank, world, store)
+        ref_cfg = _config(tmp_path / f"ref{rank}", *LORA, "optim.eps=1e-3")
+        ref = Trainer(ref_cfg, models=_perturbed_models(ref_cfg))
+        batch = _explicit_batch(ref.models)
+        teacher_before = _velocity(ref, ref.models.teacher)
+        _explicit_step(ref, batch)
+        cfg = _config(tmp_path / "eq", *LORA, "train.parallel=ddp", "optim.eps=1e-3")
+        tr = Trainer(cfg, models=_perturbed_models(cfg))
+        assert isinstance(unwrap(tr.models.student), AdapterView) and unwrap(tr.models.student) is not tr.models.student
+        per = GLOBAL_BATCH // world
+        _explicit_step(tr, _rows(batch, slice(rank * per, (rank + 1) * per)))
+        rep = {"grad_err": max(float((a - b).abs().max()) for a, b in zip(tr._last_student_grads,
+                                                                           ref._last_student_grads)),
+               "grad_scale": max(float(b.abs().max()) for b in ref._last_student_grads),
+               "n_grads": len(ref._last_student_grads),
+               "param_err": max(float((a - b).abs().max()) for x, y in
+                                ((tr.models.student, ref.models.student), (tr.models.fake, ref.models.fake),
+                                 (tr.ema.module, ref.ema.module))
+                                for a, b in zip(x.parameters(), y.parameters())),
+               "teacher_unchanged": bool(torch.equal(_velocity(tr, tr.models.teacher), teacher_before))}
+        del tr
+        run = [*LORA, "train.parallel=ddp", "train.steps=4", "train.checkpoint_every=2", "optim.update_ratio=1",
+               "optim.student_warmup_steps=0", "optim.fake_warmup_steps=0", "optim.student_lr=1e-3",
+               "optim.fake_lr=1e-3", "optim.eps=1e-3", "train.grad_checkpointing=true"]
+        straight = Trainer(_config(tmp_path / "straight", *run))
+        straight.train()
+        first = Trainer(_config(tmp_path / "resumed", *run))
+        first.train(steps=2)
+        resumed = Trainer(_config(tmp_path / "resumed", *run))
+        resumed.resume()
+        resumed.train()
+        plain = Trainer(_config(tmp_path / "plain", *[r for r in run if "grad_checkpointing" not in r]))
+        plain.train()
+        rep["straight"] = [[r["step"], r["loss_fake"], r.get("loss_student")] for r in straight.history]
+        rep["resumed"] = [[r["step"], r["loss_fake"], r.get("loss_student")] for r in first.history + resumed.history]
+        rep["plain"] = [[r["step"], r["loss_fake"], r.get("loss_student")] for r in plain.history]
+        pairs = ((straight.models.student, resumed.models.student), (straight.models.fake, resumed.models.fake),
+                 (straight.ema.module, resumed.ema.module))
+        rep["adapters_equal"] = all(torch.equal(a, b) for x, y in pairs for a, b in zip(x.parameters(), y.parameters()))
+        rep["student"] = [p.detach().sum().item() for p in straight.models.student.parameters()]
+        (tmp_path / f"report{rank}.json").write_text(json.dumps(rep))
+        dist.barrier()
+    except Exception:
+        (Path(tmp) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
+    """train.parallel=ddp with LoRA student + LoRA fake on one base: the adapters' gradients are the
+    whole-batch gradients, every rank holds the same adapters, and a DDP LoRA run with gradient
+    checkpointing resumes exactly (and matches the run without checkpointing)."""
+    import json
+
+    from .test_distributed import WORLD, _spawn
+
+    try:
+        _spawn(_lora_ddp_worker, WORLD, str(tmp_path))
+    except Exception:
+        pytest.fail("workers failed:\n" + "\n".join(p.read_text() for p in tmp_path.glob("error*.txt")))
+    reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(WORLD)]
+    for rep in reports:
+        assert rep["n_grads"] > 0 and rep["grad_scale"] > 1e-4
+        assert rep["grad_err"] <= 1e-5 * rep["grad_scale"] + 1e-7, rep
+        assert rep["param_err"] <= 1e-6, rep
+        assert rep["teacher_unchanged"]
+        assert rep["resumed"] == rep["straight"] and rep["adapters_equal"], rep
+        for a, b in zip(rep["plain"], rep["straight"]):
+            assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+    assert reports[0]["student"] == reports[1]["student"]  # DDP keeps the ranks' adapters identical
+    assert [r[0] for r in reports[0]["straight"]] == [1, 2, 3, 4]
