@@ -120,6 +120,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
         raise ConfigError("--format lora: this run trained a full student (lora.student: false); export it with "
                           "--format transformer or pipeline")
     from .presets import resolve_shift
+    from .sample_images import prompt_max_sequence_length
 
     shift = resolve_shift(cfg)
     flux = cfg.model.preset.startswith("flux")
@@ -129,6 +130,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
             "num_inference_steps": len(trained_sigmas(cfg)),
             "guidance_scale": cfg.model.flux_guidance if flux else 1.0,
             "shift": shift.value if shift.mu is None else None, "dynamic_shift_mu": shift.mu, "ema": ema,
+            "max_sequence_length": prompt_max_sequence_length(cfg),  # T5 tokens the training embeddings had
             "step": int(state.get("step", 0)), "source": str(Path(run).resolve()), "preset": cfg.model.preset,
             "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
                      "alpha": cfg.lora.alpha}}

@@ -19,6 +19,19 @@ def _has_text_encoders(model_dir: Path) -> bool:
     return (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir()
 
 
+def prompt_max_sequence_length(cfg) -> int:
+    """The T5 length the run's embeddings were encoded with (`encode-prompts` records it in index.json), so
+    prompts encoded at sampling time look like the training conditioning; else the pipeline's default."""
+    import json
+
+    emb = Path(cfg.model.prompt_embeds or "")
+    if cfg.model.prompt_embeds and (emb / "index.json").is_file():
+        n = json.loads((emb / "index.json").read_text()).get("max_sequence_length")
+        if isinstance(n, int) and n > 0:
+            return n
+    return 512 if cfg.model.preset.startswith("flux") else 256
+
+
 def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Generator, device,
                  sample_cond) -> tuple[dict, list]:
     """(cond dict, labels): encoded prompts when given (needs text encoders), else precomputed rows."""
@@ -31,7 +44,8 @@ def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Gene
 
         pipe = load_text_pipeline(model_dir, device, torch.float32)
         with torch.no_grad():
-            cond = {k: v.float() for k, v in encode_batch(pipe, prompts, device, max_sequence_length=256).items()}
+            cond = {k: v.float() for k, v in encode_batch(pipe, prompts, device,
+                                                              max_sequence_length=prompt_max_sequence_length(cfg)).items()}
         if cfg.model.preset.startswith("flux"):  # FluxAdapter: the guidance embedding the student was trained with
             cond["guidance"] = torch.full((len(prompts),), float(cfg.model.flux_guidance), device=device)
         return cond, list(prompts)
@@ -110,6 +124,7 @@ def sample_pipeline(pipeline_dir: str | Path, out: str | Path, *, prompts: list[
     meta = json.loads(meta_path.read_text())
     pipe = DiffusionPipeline.from_pretrained(str(root), torch_dtype=torch.float32).to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
+    extra = {"max_sequence_length": meta["max_sequence_length"]} if meta.get("max_sequence_length") else {}
     images = pipe(prompt=prompts, sigmas=meta["sigmas"], num_inference_steps=len(meta["sigmas"]),
-                  guidance_scale=meta.get("guidance_scale", 1.0), generator=g, output_type="pt").images
+                  guidance_scale=meta.get("guidance_scale", 1.0), generator=g, output_type="pt", **extra).images
     return save_pngs(images * 2 - 1, Path(out), list(prompts))
