@@ -101,6 +101,17 @@ def test_exported_pipeline_loads_and_matches_our_sampler(sd3_pipeline_dir, tmp_p
                  "--dtype", "fp32"]) == 0
     alone = SD3Transformer2DModel.from_pretrained(str(tmp_path / "tr"))
     assert all(torch.equal(a, b) for a, b in zip(alone.parameters(), pipe.transformer.parameters()))
+    # --no-ema: the raw student (not the EMA); the default dtype is bf16.
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "raw"), "--format", "transformer",
+                 "--no-ema"]) == 0
+    from safetensors.torch import load_file
+
+    stored = load_file(str(next((tmp_path / "raw").glob("*.safetensors"))))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    raw = SD3Transformer2DModel.from_pretrained(str(tmp_path / "raw"), torch_dtype=torch.bfloat16)
+    for name, p in raw.named_parameters():
+        assert torch.equal(p, state["student"][name].to(torch.bfloat16)), name
+    assert any(not torch.equal(state["student"][n], state["ema"][n]) for n in state["student"])
     # A full student has no LoRA file to give: a clear refusal, exit 2.
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "lora"]) == 2
 
