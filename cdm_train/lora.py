@@ -22,10 +22,11 @@ first student and fake forwards equal the teacher's.
 Several GPUs: DDP works (each adapter view is its own DDP module: only the adapters are all-reduced and
 broadcast; the frozen base is built identically on every rank). Tested against a single process.
 
-Refused with LoRA (a clear ConfigError): FSDP (it would shard the shared base under three views), CUDA graphs
-and rollout graphs (a captured graph would bake in one adapter), regional compile of a LoRA student, and
-the FP8 switches (patching the shared base's attention would change the fake teacher's and the student's
-no-grad passes too).
+Refused with LoRA (a clear ConfigError): FSDP (it would shard the shared base under three views), the
+teacher CUDA graphs and the teacher/fake FP8 switches (a captured graph would bake in one adapter; patching
+the shared base's attention or linears would change every network on it), and with a LoRA student also
+rollout graphs, FP8 rollout attention and regional compile. A full student (with a LoRA fake teacher) is
+its own copy: its switches (rollout_graphs, fp8_attention_rollout, compile_student) keep working.
 """
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ def validate_lora(cfg: Config) -> None:
         raise ConfigError("train.parallel: fsdp is not supported with LoRA (FSDP2 would shard the one base that "
                           "the student, fake and real teacher share); use train.parallel=ddp (the base is small "
                           "next to three full copies) or none")
-    for key in ("cuda_graphs_teacher", "rollout_graphs", "fp8_attention_teacher", "fp8_attention_fake",
-                "fp8_attention_rollout", "fp8_linear_teacher"):
+    for key in ("cuda_graphs_teacher", "fp8_attention_teacher", "fp8_attention_fake", "fp8_linear_teacher"):
         if getattr(sp, key):
-            raise ConfigError(f"speed.{key}: not supported with LoRA (the teacher, fake teacher and LoRA student "
-                              f"share one base model; a graph or a patched attention would apply to all of them)")
-    if lc.student and sp.compile_student:
-        raise ConfigError("speed.compile_student: not supported with a LoRA student (its base is shared)")
+            raise ConfigError(f"speed.{key}: not supported with a LoRA fake teacher (the real and fake teacher "
+                              f"share one base model; a graph or a patched attention would apply to both)")
+    # The student-only switches touch the student alone: fine on a full student (its own copy).
+    for key in ("rollout_graphs", "fp8_attention_rollout", "compile_student"):
+        if lc.student and getattr(sp, key):
+            raise ConfigError(f"speed.{key}: not supported with a LoRA student (its base is shared with the real "
+                              f"and fake teacher; a graph, compile or patched attention would apply to all three)")
     if lc.rank < 1:
         raise ConfigError("lora.rank: must be >= 1")
     if lc.alpha <= 0:

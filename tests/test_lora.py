@@ -268,3 +268,38 @@ def test_lora_under_ddp_matches_one_process_and_resumes(tmp_path):
             assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
     assert reports[0]["student"] == reports[1]["student"]  # DDP keeps the ranks' adapters identical
     assert [r[0] for r in reports[0]["straight"]] == [1, 2, 3, 4]
+
+
+def test_full_student_keeps_its_own_speed_switches_with_a_lora_fake(tmp_path, monkeypatch):
+    """Full student + LoRA fake teacher: the student is its own copy, so rollout graphs and FP8 rollout
+    attention apply to it alone (simulated graphs on the CPU: the same losses); the shared base's switches
+    stay refused."""
+    from cdm_kernels.attention.processors import is_patched
+    from cdm_train import graphs as train_graphs
+    from cdm_train import trainer as trainer_mod
+
+    run = [*FAKE_ONLY, "train.steps=2", "optim.update_ratio=1", "schedule.fixed=[1.0, 0.75, 0.5, 0.25]"]
+    plain = Trainer(tiny_config(tmp_path / "plain", *run))
+    plain.train()
+    installed = []
+
+    def apply(cfg, models, **_):
+        installed.append(models)
+        return train_graphs.apply_graph_switches(cfg, models, compile_backend="eager", simulate=True)
+
+    monkeypatch.setattr(trainer_mod, "apply_graph_switches", apply)
+    fast = Trainer(tiny_config(tmp_path / "fast", *run, "speed.rollout_graphs=true"))
+    fast.train()
+    stats = train_graphs.graph_stats(installed[-1])
+    assert list(stats) == ["student rollout"] and stats["student rollout"]["replays"] >= 1
+    for a, b in zip(plain.history, fast.history):
+        assert a["loss_fake"] == pytest.approx(b["loss_fake"], rel=1e-5)
+        assert a["loss_student"] == pytest.approx(b["loss_student"], rel=1e-5)
+
+    fp8 = Trainer(tiny_config(tmp_path / "fp8", *FAKE_ONLY, "speed.fp8_attention_rollout=true",
+                              "speed.fp8_attention_emulate=true"))
+    assert is_patched(fp8.models.student) and not is_patched(fp8.models.teacher.peft_model)
+    fp8.train(steps=1)
+    for key in ("fp8_attention_fake", "fp8_linear_teacher"):
+        with pytest.raises(ConfigError, match=rf"speed\.{key}"):
+            make_config("tiny", overrides=[*FAKE_ONLY, f"speed.{key}=true"])
