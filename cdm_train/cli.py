@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a trained student as a diffusers pipeline, transformer or LoRA file",
                        description="Export a run's student (EMA weights by default) for diffusers: --format pipeline "
                        "(the teacher's other components + the student transformer + the trained schedule), "
-                       "transformer, or lora (LoRA students; load with pipe.load_lora_weights(DIR)).")
+                       "transformer, or lora (load with pipe.load_lora_weights(DIR); a LoRA student's adapter, or "
+                       "a full student's SVD approximation at --lora-rank).")
     x.add_argument("--checkpoint", required=True, help="run directory (checkpoint.pt or checkpoint_dcp/) or file")
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--format", default="pipeline", choices=["pipeline", "transformer", "lora"])
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype (default bf16)")
     x.add_argument("--link", action="store_true",
                    help="symlink the teacher's other components (text encoders, VAE) instead of copying them")
+    x.add_argument("--lora-rank", type=int, default=None,
+                   help="--format lora of a full student: rank of the SVD-extracted LoRA (default lora.rank)")
 
     d = sub.add_parser("demo", help="the embedded default: digits teacher -> 4-step student, with a quality report")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -275,8 +278,14 @@ def cmd_train_teacher(args) -> int:
 def cmd_export(args) -> int:
     from .export import META_NAME, export
 
-    out = export(args.checkpoint, args.out, fmt=args.format, ema=args.ema, dtype=args.dtype, link=args.link)
+    out = export(args.checkpoint, args.out, fmt=args.format, ema=args.ema, dtype=args.dtype, link=args.link,
+                 lora_rank=args.lora_rank)
     meta = json.loads((out / META_NAME).read_text())
+    if "lora_extraction" in meta:
+        ex = meta["lora_extraction"]
+        print(f"LoRA extracted from a full student by SVD (rank {ex['rank']}, {ex['modules']} linears): relative "
+              f"error on the targeted weight deltas {ex['target_delta_relative_error']:.3g}; share of the student's "
+              f"change outside the targets (kept at the teacher's values) {ex['untargeted_delta_fraction']:.3g}")
     print(f"wrote {out} ({args.format}, {'EMA' if args.ema else 'raw'} weights, {args.dtype}); sample with "
           f"sigmas={meta['sigmas']} (the scheduler applies shift {meta['shift']})")
     return 0

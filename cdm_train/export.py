@@ -10,7 +10,9 @@
   scheduler shifts).
 - ``transformer``: the student transformer alone (``SD3Transformer2DModel.from_pretrained(DIR)``).
 - ``lora``: a LoRA student's adapter as ``pytorch_lora_weights.safetensors``, loadable with the base
-  pipeline's ``load_lora_weights(DIR)`` (only for runs with ``lora.student: true``).
+  pipeline's ``load_lora_weights(DIR)``. For a full student, a LoRA is extracted by truncated SVD of
+  (student - teacher) on the LoRA target linears (``--lora-rank``, default ``lora.rank``): an
+  approximation, whose errors are measured and recorded in cdm_export.json (``lora_extraction``).
 
 Weights: the student EMA by default (the official save.py does the same), ``--no-ema`` the raw
 student; LoRA students are merged into the base for ``pipeline``/``transformer``. Reads single-process
@@ -103,7 +105,7 @@ def pipeline_class(cfg):
 
 
 def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool = True, dtype: str = "bf16",
-           link: bool = False) -> Path:
+           link: bool = False, lora_rank: int | None = None) -> Path:
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if dtype not in DTYPES:
@@ -116,9 +118,11 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
     if fmt == "pipeline" and not cfg.model.path:
         raise ConfigError(f"--format pipeline: the run's model.path is unset (preset {cfg.model.preset!r}), so "
                           f"there are no text encoders / VAE to ship; use --format transformer")
-    if fmt == "lora" and not cfg.lora.student:
-        raise ConfigError("--format lora: this run trained a full student (lora.student: false); export it with "
-                          "--format transformer or pipeline")
+    if lora_rank is not None and (fmt != "lora" or cfg.lora.student):
+        raise ConfigError("--lora-rank: only for --format lora of a full student (a LoRA student's file has its "
+                          f"trained rank, lora.rank={cfg.lora.rank})")
+    if lora_rank is not None and lora_rank < 1:
+        raise ConfigError("--lora-rank: must be >= 1")
     from .presets import resolve_shift
     from .sample_images import prompt_max_sequence_length
 
@@ -135,8 +139,11 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
             "lora": {"student": cfg.lora.student, "fake": cfg.lora.fake, "rank": cfg.lora.rank,
                      "alpha": cfg.lora.alpha}}
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "lora":
+    if fmt == "lora" and cfg.lora.student:
         _export_lora(state, cfg, out, ema=ema, dtype=DTYPES[dtype])
+    elif fmt == "lora":
+        meta["lora_extraction"] = _export_lora_from_full(state, cfg, out, ema=ema, dtype=DTYPES[dtype],
+                                                         rank=lora_rank or cfg.lora.rank)
     else:
         transformer = student_transformer(state, cfg, ema=ema).to(DTYPES[dtype])
         target = out / "transformer" if fmt == "pipeline" else out
@@ -160,6 +167,61 @@ def _export_lora(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype) -> Non
                                                    "r": cfg.lora.rank, "lora_alpha": _num(cfg.lora.alpha),
                                                    "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]
                                                                              for k in layers})})
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """peft's rule for a string target: the module's full name, or its dotted suffix."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@torch.no_grad()
+def _export_lora_from_full(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype, rank: int) -> dict[str, Any]:
+    """A full student as a LoRA on the teacher: per target linear (lora.target_modules / include_ff), the
+    rank-`rank` truncated SVD of (W_student - W_teacher), B = U sqrt(S), A = sqrt(S) V^T, alpha = rank (scale 1).
+
+    Not exact: the truncation drops the delta's smaller singular directions, and parameters outside the
+    target linears (biases, norms, embeddings, the final layer) keep the teacher's values. Both losses are
+    measured and returned (written to cdm_export.json); --format pipeline/transformer are exact.
+    """
+    from .lora import target_modules
+    from .presets import build_teacher
+
+    teacher = build_teacher(cfg, torch.device("cpu"))[0].float()
+    student = state["ema"] if ema else state["student"]
+    targets = target_modules(cfg)
+    layers: dict[str, torch.Tensor] = {}
+    kept = err = other = 0.0
+    covered = set()
+    for name, mod in teacher.named_modules():
+        if not (isinstance(mod, torch.nn.Linear) and _matches(name, targets)):
+            continue
+        delta = student[f"{name}.weight"].float() - mod.weight.float()
+        covered.add(f"{name}.weight")
+        u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        r = min(rank, sv.numel())
+        root = sv[:r].sqrt()
+        b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+        a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+        b[:, :r] = u[:, :r] * root
+        a[:r] = root[:, None] * vh[:r]
+        layers[f"{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        layers[f"{name}.lora_B.weight"] = b.to(dtype).contiguous()
+        kept += float(delta.double().square().sum())
+        err += float((delta.double() - b @ a).square().sum())
+    if not layers:
+        raise ConfigError(f"--format lora: no linear layer of the model matches lora.target_modules {targets}")
+    for key, w in teacher.state_dict().items():
+        if key not in covered and key in student and w.is_floating_point():
+            other += float((student[key].double() - w.double()).square().sum())
+    pipeline_class(cfg).save_lora_weights(str(out), transformer_lora_layers=layers,
+                                          transformer_lora_adapter_metadata={
+                                              "r": rank, "lora_alpha": rank,
+                                              "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]
+                                                                        for k in layers})})
+    total = kept + other
+    return {"rank": rank, "modules": len(layers) // 2,
+            "target_delta_relative_error": (err / kept) ** 0.5 if kept > 0 else 0.0,
+            "untargeted_delta_fraction": (other / total) ** 0.5 if total > 0 else 0.0}
 
 
 def _num(x: float):

@@ -112,8 +112,29 @@ def test_exported_pipeline_loads_and_matches_our_sampler(sd3_pipeline_dir, tmp_p
     for name, p in raw.named_parameters():
         assert torch.equal(p, state["student"][name].to(torch.bfloat16)), name
     assert any(not torch.equal(state["student"][n], state["ema"][n]) for n in state["student"])
-    # A full student has no LoRA file to give: a clear refusal, exit 2.
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "lora"]) == 2
+    # A full student as a LoRA: truncated SVD of (student - teacher) on the target linears. At full rank (16
+    # covers every tiny linear) the fused LoRA reproduces the student's target weights; what stays outside
+    # the targets (biases, norms, embeddings) is measured, not hidden.
+    for rank in (16, 2):
+        assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / f"svd{rank}"), "--format", "lora",
+                     "--lora-rank", str(rank), "--dtype", "fp32"]) == 0
+    full_rank = json.loads((tmp_path / "svd16" / "cdm_export.json").read_text())["lora_extraction"]
+    low_rank = json.loads((tmp_path / "svd2" / "cdm_export.json").read_text())["lora_extraction"]
+    # 8 attention + 4 FFN linears per block; the last (context_pre_only) block has no to_add_out / ff_context
+    assert full_rank["rank"] == 16 and full_rank["modules"] == 12 + 9
+    assert full_rank["target_delta_relative_error"] < 1e-6 < low_rank["target_delta_relative_error"] < 1
+    assert 0 < full_rank["untargeted_delta_fraction"] == pytest.approx(low_rank["untargeted_delta_fraction"])
+    base = StableDiffusion3Pipeline.from_pretrained(str(sd3_pipeline_dir), torch_dtype=torch.float32, **NO_TEXT)
+    base.load_lora_weights(str(tmp_path / "svd16"))
+    base.fuse_lora()
+    base.unload_lora_weights()
+    fused = dict(base.transformer.named_parameters())
+    targets = [n for n in fused if n.endswith(".weight") and (".attn." in n or ".ff" in n) and "norm" not in n]
+    assert len(targets) == 21
+    for n in targets:
+        torch.testing.assert_close(fused[n], state["ema"][n], rtol=0, atol=1e-5)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "transformer",
+                 "--lora-rank", "4"]) == 2
 
 
 def test_lora_file_loads_into_the_base_pipeline_like_the_merged_export(sd3_pipeline_dir, tmp_path):
