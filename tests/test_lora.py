@@ -303,3 +303,27 @@ def test_full_student_keeps_its_own_speed_switches_with_a_lora_fake(tmp_path, mo
     for key in ("fp8_attention_fake", "fp8_linear_teacher"):
         with pytest.raises(ConfigError, match=rf"speed\.{key}"):
             make_config("tiny", overrides=[*FAKE_ONLY, f"speed.{key}=true"])
+
+
+def test_full_student_with_a_lora_fake_teacher_resumes_exactly(tmp_path):
+    run = [*FAKE_ONLY, "train.steps=4", "train.checkpoint_every=2", "optim.update_ratio=1",
+           "optim.student_warmup_steps=0", "optim.fake_warmup_steps=0"]
+    straight = Trainer(tiny_config(tmp_path / "a", *run))
+    straight.train()
+    first = Trainer(tiny_config(tmp_path / "b", *run))
+    first.train(steps=2)
+    resumed = Trainer(tiny_config(tmp_path / "b", *run))
+    resumed.resume()
+    resumed.train()
+    key = [(r["step"], r["loss_fake"], r.get("loss_student")) for r in straight.history]
+    assert key == [(r["step"], r["loss_fake"], r.get("loss_student")) for r in first.history + resumed.history]
+    for a, b in ((straight.models.student, resumed.models.student), (straight.models.fake, resumed.models.fake),
+                 (straight.ema.module, resumed.ema.module)):
+        params = list(zip(a.parameters(), b.parameters()))
+        assert params and all(torch.equal(p, q) for p, q in params)
+    assert not isinstance(resumed.models.student, AdapterView)
+    # The checkpoint holds the full student but only the fake teacher's adapter.
+    from cdm_train.checkpoint import load
+
+    state = load(tmp_path / "b")
+    assert all("lora_" in k for k in state["fake"]) and not any("lora_" in k for k in state["student"])
