@@ -313,3 +313,60 @@ def test_tiny_flux_training_lowers_the_fake_teacher_loss(tmp_path):
     tr.train()
     after = heldout_loss()
     assert after < 0.99 * before, (before, after)  # deterministic on CPU: 2.241 -> 2.171 when written
+
+
+def test_encode_prompts_for_flux_then_train_the_flux_preset(tmp_path):
+    """`cdm-train encode-prompts` on a FluxPipeline (tiny CLIP-L for the pooled vector + tiny T5 for the token
+    embeddings, built offline): the shards hold what FluxPipeline.encode_prompt returns, and the flux preset
+    trains from that directory (guidance embedding and dynamic shift from the model directory)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from cdm_train.cli import main
+    from cdm_train.presets import FLUX_TINY_ARCH
+    from cdm_train.prompts import PromptEmbeds
+
+    from .test_prompts import WORDS, _tokenizer
+
+    torch.manual_seed(0)
+    vocab = len(WORDS) + 3
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2))  # pooled width 8 = pooled_projection_dim
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
+                        text_encoder=clip, tokenizer=_tokenizer(77), text_encoder_2=t5, tokenizer_2=_tokenizer(32),
+                        transformer=FluxTransformer2DModel(**FLUX_TINY_ARCH))
+    model = tmp_path / "flux"
+    pipe.save_pretrained(model)
+    prompts = tmp_path / "p.txt"
+    texts = ["a cat on the moon", "a red car", "photo of a blue dog"]
+    prompts.write_text("\n".join(texts) + "\n")
+    emb = tmp_path / "emb"
+    assert main(["encode-prompts", "--model", str(model), "--prompts", str(prompts), "--out", str(emb),
+                 "--device", "cpu", "--dtype", "float32", "--max-sequence-length", "12"]) == 0
+    assert json.loads((emb / "index.json").read_text())["num_prompts"] == 3
+    data = PromptEmbeds(emb)
+    rows = data.rows([2, 0])
+    assert rows["encoder_hidden_states"].shape == (2, 12, 16)  # T5 tokens only (CLIP gives the pooled vector)
+    assert rows["pooled_projections"].shape == (2, 8)
+    pipe = FluxPipeline.from_pretrained(str(model), transformer=None, vae=None)  # eval mode, as encode-prompts
+    embeds, pooled, _ = pipe.encode_prompt([texts[2], texts[0]], None, device="cpu", max_sequence_length=12)
+    torch.testing.assert_close(rows["encoder_hidden_states"], embeds)
+    torch.testing.assert_close(rows["pooled_projections"], pooled)
+    null, null_pooled, _ = pipe.encode_prompt([""], None, device="cpu", max_sequence_length=12)
+    torch.testing.assert_close(data.null()["encoder_hidden_states"], null)
+    torch.testing.assert_close(data.null()["pooled_projections"], null_pooled)
+
+    cfg = make_config("flux", overrides=[f"model.path={model}", f"model.prompt_embeds={emb}", "model.resolution=64",
+                                         "train.batch_size=2", "schedule.max_steps=2", "train.steps=2",
+                                         f"train.out_dir={tmp_path / 'r'}", "train.progress=false",
+                                         "train.tensorboard=false", "train.log_every=1"])
+    tr = Trainer(cfg)
+    assert tr.models.latent_shape == (16, 8, 8) and tr.models.shift == Shift(mu=flux_mu(16))
+    tr.train()
+    assert [r["step"] for r in tr.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss_fake"])) for r in tr.history)

@@ -1,7 +1,7 @@
 """`cdm-train encode-prompts` with a tiny random-init SD3 pipeline built offline, and the sharded dataset.
 
 Untested without real weights: the real CLIP/T5 tokenizers and encoders (only their interface is
-exercised, through the pipeline's own encode_prompt), Flux's encode path, and embedding quality.
+exercised, through the pipeline's own encode_prompt) and embedding quality. Flux's encode path: tests/test_flux.py.
 """
 
 from __future__ import annotations
