@@ -1,6 +1,6 @@
-"""Computed (not measured) peak memory per GPU for CDM on SD3-Medium, DDP vs FSDP2, and bench sizing.
+"""Computed (not measured) peak memory per GPU for CDM on SD3-Medium or Flux-dev, DDP vs FSDP2, and bench sizing.
 
-    python benchmarks/memory_distributed.py [--batch 4] [--markdown FILE]
+    python benchmarks/memory_distributed.py [--model sd3-medium|flux-dev] [--batch 4] [--markdown FILE]
     python benchmarks/memory_distributed.py --bench-step [--budget-gib 60] [--markdown FILE]
 
 The first form prints the distributed table (1024 px, N = 1, 2, 4, 8 ranks); `--bench-step`
@@ -37,6 +37,28 @@ def sd3_medium_counts(resolution: int = 1024, layers: int | None = None) -> dict
     return {"params": params, "block_params": block, "blocks": arch["num_layers"],
             "hidden": arch["num_attention_heads"] * arch["attention_head_dim"],
             "tokens": side * side + SD3_TEXT_TOKENS}
+
+
+def flux_dev_counts(resolution: int = 1024) -> dict[str, int]:
+    """Flux-dev (`FLUX_DEV_ARCH`): 19 double-stream + 38 single-stream blocks; 2x2-packed image tokens + 512 T5."""
+    from diffusers import FluxTransformer2DModel
+
+    from cdm_train.presets import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV_ARCH)
+    params = sum(p.numel() for p in model.parameters())
+    # FSDP gathers one block at a time: the larger (double-stream) block bounds the working buffers
+    block = max(sum(p.numel() for p in blocks[0].parameters())
+                for blocks in (model.transformer_blocks, model.single_transformer_blocks))
+    side = resolution // 16
+    return {"params": params, "block_params": block,
+            "blocks": FLUX_DEV_ARCH["num_layers"] + FLUX_DEV_ARCH["num_single_layers"],
+            "hidden": FLUX_DEV_ARCH["num_attention_heads"] * FLUX_DEV_ARCH["attention_head_dim"],
+            "tokens": side * side + FLUX_TEXT_TOKENS}
+
+
+MODELS = {"sd3-medium": ("SD3-Medium", sd3_medium_counts), "flux-dev": ("Flux-dev", flux_dev_counts)}
 
 
 # bytes per activation element count "per token per hidden unit per block" in bf16 with a fused
@@ -91,10 +113,11 @@ def bench_layers(resolution: int, batch: int, budget_gib: float, max_layers: int
     return best, best_c
 
 
-def distributed_table(batch: int) -> list[str]:
-    c = sd3_medium_counts()
-    lines = [f"SD3-Medium transformer: {c['params'] / 1e9:.3f} B params, {c['blocks']} blocks of "
-             f"{c['block_params'] / 1e6:.1f} M, {c['tokens']} tokens at 1024 px, hidden {c['hidden']}, "
+def distributed_table(batch: int, model: str = "sd3-medium") -> list[str]:
+    name, count = MODELS[model]
+    c = count()
+    lines = [f"{name} transformer: {c['params'] / 1e9:.3f} B params, {c['blocks']} blocks (largest "
+             f"{c['block_params'] / 1e6:.1f} M), {c['tokens']} tokens at 1024 px, hidden {c['hidden']}, "
              f"batch {batch} per rank",
              "",
              "| ranks N | mode | grad ckpt | states GiB | working GiB | activations GiB | **peak GiB / GPU** |",
@@ -132,6 +155,8 @@ def bench_table(budget_gib: float) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4, help="samples per rank (train.batch_size)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="sd3-medium",
+                    help="architecture of the distributed table (default sd3-medium)")
     ap.add_argument("--bench-step", action="store_true",
                     help="size bench_step.py's --layers per RESULTS_e2e.md row for one GPU instead")
     ap.add_argument("--budget-gib", type=float, default=60.0,
@@ -140,7 +165,7 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", metavar="FILE", default=None,
                     help="also append the printed table(s) to FILE (created if missing)")
     args = ap.parse_args(argv)
-    lines = bench_table(args.budget_gib) if args.bench_step else distributed_table(args.batch)
+    lines = bench_table(args.budget_gib) if args.bench_step else distributed_table(args.batch, args.model)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.markdown:
