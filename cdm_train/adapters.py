@@ -135,7 +135,8 @@ class FluxAdapter:
     embedding moves the teacher, scaled by ``loss.guidance_scale`` like the CFG direction of SD3. The
     conditional passes (student, fake teacher, CA cond, DM) all use ``cond["guidance"]``
     (``model.flux_guidance``, 3.5 by default). A teacher without a guidance embedding falls back to
-    SD3's semantics: the null (empty-prompt) embeddings, guidance ignored.
+    SD3's semantics: the null (empty-prompt) embeddings, guidance ignored. Rationale and the scale of
+    ``alpha`` relative to SD3: docs/flux.md.
     """
 
     def __init__(self, null_cond: dict[str, torch.Tensor], guidance_embeds: bool):

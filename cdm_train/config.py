@@ -28,11 +28,11 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | digits | sd3-medium | sd3-medium-shape | flux | flux-shape | flux-tiny
-    path: str | None = None  # sd3-medium: local diffusers directory (holding transformer/)
-    prompt_embeds: str | None = None  # sd3-medium: file of precomputed text embeddings
+    path: str | None = None  # sd3-medium / flux: local diffusers directory (holding transformer/)
+    prompt_embeds: str | None = None  # sd3-medium / flux: precomputed text embeddings (file or encode-prompts dir)
     teacher_path: str | None = None  # digits: teacher checkpoint (None: the one shipped in the package)
-    layers: int | None = None  # sd3-medium-shape: transformer depth (None: full 24)
-    resolution: int = 1024  # sd3-medium-shape: image side in pixels (latent = resolution / 8)
+    layers: int | None = None  # sd3-medium-shape: depth (None: 24); flux-shape: L double + 2L single (None: 19+38)
+    resolution: int = 1024  # sd3-medium*/flux/flux-shape: image side in pixels (latent = resolution / 8)
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     flux_guidance: float = 3.5  # flux presets: the guidance embedding of guidance-distilled teachers (Flux-dev)
 
@@ -45,7 +45,8 @@ class ScheduleConfig:
     fixed: list[float] | None = None  # a fixed schedule instead (e.g. [1.0, 0.75, 0.5, 0.25]); 0 is appended
     # The model scheduler's shift, applied (as diffusers does) to the rollout schedule and at sampling, not to the
     # directly drawn training sigmas (cdm_train/schedule.py). None: the model's own (sd3-medium: its
-    # scheduler_config.json, else 3.0; sd3-medium-shape 3.0); the tiny and digits presets set 1.0.
+    # scheduler_config.json, else 3.0; sd3-medium-shape 3.0; flux presets: dynamic, mu from the image token count
+    # and the directory's scheduler config, docs/flux.md); the tiny and digits presets set 1.0.
     shift: float | None = None
     sigma_clamp_min: float = 0.02  # every sampled training sigma is clamped to [min, max]
     sigma_clamp_max: float = 0.98
