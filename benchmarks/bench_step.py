@@ -71,7 +71,7 @@ def _sync(device):
 def build(mode: str, args) -> Trainer:
     overrides = [f"train.device={args.device}", f"train.batch_size={args.batch}", "train.progress=false",
                  "train.tensorboard=false", "optim.update_ratio=1", f"train.out_dir={args.out_dir}/{mode}"]
-    if args.preset == "sd3-medium-shape":
+    if args.preset in ("sd3-medium-shape", "flux-shape"):
         overrides += [f"model.resolution={args.resolution}"]
         if args.layers is not None:
             overrides += [f"model.layers={args.layers}"]
@@ -332,9 +332,10 @@ def _events_cell(te: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "sd3-medium-shape"])
-    p.add_argument("--layers", type=int, default=None, help="sd3-medium-shape depth (default 24)")
-    p.add_argument("--resolution", type=int, default=1024, help="sd3-medium-shape image side in pixels")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "sd3-medium-shape", "flux-tiny", "flux-shape"])
+    p.add_argument("--layers", type=int, default=None,
+                   help="sd3-medium-shape depth (default 24); flux-shape: L double + 2L single blocks (default 19)")
+    p.add_argument("--resolution", type=int, default=1024, help="sd3-medium-shape / flux-shape image side in pixels")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--json", default=None, help="also write the summary (reference vs fast) to this JSON file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
