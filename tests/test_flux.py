@@ -10,6 +10,7 @@ from cdm_train.schedule import Shift, flux_mu
 from cdm_train.trainer import Trainer
 
 from .helpers import one_iteration
+from .test_equivalence import OFF, _assert_same
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -76,18 +77,26 @@ def test_flux_shift_is_dynamic_by_resolution():
     assert resolve_shift(make_config("flux-shape", overrides=["schedule.shift=3.0"])) == Shift(3.0)
 
 
-def test_exact_speed_switches_change_nothing_on_flux(tmp_path):
-    off = ["speed.shared_student_forward=false", "speed.early_exit_rollout=false",
-           "speed.batched_teacher_calls=false", "speed.backend=reference"]
+@pytest.mark.parametrize("switch", ["shared_student_forward", "early_exit_rollout", "batched_teacher_calls"])
+def test_each_exact_speed_switch_changes_nothing_on_flux(tmp_path, switch):
+    """tests/test_equivalence.py on flux-tiny: losses, fake-teacher loss and both networks' gradients."""
+    on = [o for o in OFF if switch not in o]
     fixed = "schedule.fixed=[1.0, 0.85, 0.6, 0.45, 0.3]"
-    base = one_iteration(flux_config(tmp_path, fixed, "train.batch_size=4", *off))
-    fast = one_iteration(flux_config(tmp_path, fixed, "train.batch_size=4"))
-    assert base["losses"].total > 0 and base["losses"].cdm > 0
-    assert fast["rollout"].nfe < base["rollout"].nfe
-    for name in ("ca", "dm", "cdm", "total"):
-        torch.testing.assert_close(getattr(base["losses"], name), getattr(fast["losses"], name), rtol=1e-5, atol=1e-7)
-    for a, b in zip(base["student_grads"], fast["student_grads"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    base = one_iteration(flux_config(tmp_path, fixed, "train.batch_size=4", *OFF))
+    fast = one_iteration(flux_config(tmp_path, fixed, "train.batch_size=4", *on))
+    assert base["losses"].total > 0 and base["losses"].cdm > 0 and base["losses"].ca > 0
+    assert any(g.abs().sum() > 0 for g in base["student_grads"])
+    _assert_same(base, fast)
+    if switch == "early_exit_rollout":
+        assert fast["rollout"].nfe < base["rollout"].nfe
+
+
+def test_all_exact_switches_on_flux_on_the_dynamic_schedule(tmp_path):
+    for step in (0, 1):  # different schedule lengths and index patterns
+        base = one_iteration(flux_config(tmp_path, "train.batch_size=3", *OFF), step=step)
+        fast = one_iteration(flux_config(tmp_path, "train.batch_size=3"), step=step)
+        assert fast["rollout"].nfe <= base["rollout"].nfe
+        _assert_same(base, fast)
 
 
 def test_tiny_flux_trains_and_resumes_exactly(tmp_path):
