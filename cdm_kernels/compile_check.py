@@ -160,9 +160,11 @@ def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype) -
 def op_settings(mode: str):
     """(description, arguments of exercise_ops) covering the launch shapes the package meets.
 
-    The quick set keeps every constexpr combination and every class of integer specialisation
-    (sizes and strides divisible by 16 or not, unaligned pointers, sigma as float / tensor / view)
-    that the full set reaches, with fewer repetitions of each.
+    The quick set reaches every constexpr combination and argument-type combination that the full
+    set reaches (all dtypes, every finalize tile, every reduction; checked by the tests) and every
+    class of integer specialisation (sizes and strides divisible by 16 or not, unaligned pointers,
+    sigma as float / tensor / view), with fewer repetitions of each; compile_all then keeps the most
+    and least specialised variant of each combination.
     """
     reductions_all = ("mean", "sum", "none")
     if mode == "smoke":  # for the test of the checker itself: one SD3 batch and one odd shape
@@ -171,11 +173,11 @@ def op_settings(mode: str):
                                                               ("mean",))
         return
     quick = mode == "quick"
-    dtypes = (torch.float32, torch.bfloat16) if quick else DTYPES
+    dtypes = DTYPES
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         # SD3 1024 px: the reduction chunk count and the finalize tile grow with the batch.
-        for b in ([1, 9, 16, 64] if quick else range(1, 65)):
+        for b in ([1, 4, 9, 16, 64] if quick else range(1, 65)):
             yield f"sd3-1024 B={b} {dname}", (b, SD3_1024, dtype, "contiguous", "tensor", reductions_all)
         for b in ([16] if quick else [1, 2, 4, 8, 16, 32]):
             yield f"flux-1024 B={b} {dname}", (b, FLUX_1024, dtype, "contiguous", "tensor", reductions_all)
@@ -190,7 +192,7 @@ def op_settings(mode: str):
 
 def attention_settings(mode: str):
     quick = mode != "full"
-    for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)):
+    for dtype in ((torch.bfloat16,) if mode == "smoke" else (torch.bfloat16, torch.float16, torch.float32)):
         dname = str(dtype).replace("torch.", "")
         for d in ((64,) if mode == "smoke" else (64, 128)):
             for s in ((4429,) if mode == "smoke" else (4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):
@@ -240,11 +242,52 @@ def _compile_one(index: int) -> str | None:
         return " | ".join(lines[:4])[:500]
 
 
-def compile_all(launches: list[Launch], archs: list[int], jobs: int,
-                force_fp8: bool = False) -> tuple[int, int, list[str]]:
-    """Compile each distinct (arch, kernel, specialisation) once, in `jobs` forked processes.
+def _specialisation_degree(fn, specialization) -> tuple[tuple, int]:
+    """(the kernel's constexprs and argument types, how many integer/pointer arguments are specialised).
 
-    Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting).
+    Launches with the same first part run the same kernel code on the same types; they differ only in
+    which pointers are 16-byte aligned and which integers are divisible by 16 or equal to 1.
+    """
+    group, degree = [], 0
+    for param, spec in zip(fn.params, specialization):
+        if param.is_constexpr:
+            group.append((param.name, repr(spec[1])))
+        elif spec[0] == "constexpr":  # an integer argument equal to 1 (or None): baked in, an i32 otherwise
+            group.append("i32")
+            degree += 1
+        else:
+            group.append(spec[0])
+            degree += spec[1] is not None and "D" in str(spec[1])
+    return tuple(group), degree
+
+
+def _extremes(work: list[tuple]) -> list[int]:
+    """Indices into `work`: per (arch, kernel, constexprs and types, options), the first most and the
+    first least specialised entry."""
+    best: dict[tuple, list] = {}
+    for index, (arch, fn, _kwargs, _bound, specialization, options) in enumerate(work):
+        group, degree = _specialisation_degree(fn, specialization)
+        key = (arch, id(fn), group, str(options))
+        if key not in best:
+            best[key] = [(degree, index), (degree, index)]
+        lo, hi = best[key]
+        if degree < lo[0]:
+            best[key][0] = (degree, index)
+        if degree > hi[0]:
+            best[key][1] = (degree, index)
+    return sorted({index for pair in best.values() for _degree, index in pair})
+
+
+def plan(launches: list[Launch], archs: list[int], force_fp8: bool = False,
+         extremes_only: bool = False) -> tuple[list[tuple[int, int, str]], int]:
+    """Fill _WORK with each distinct (arch, kernel, specialisation) to compile, as the JIT's binder
+    derives it from the recorded arguments for a CUDA target.
+
+    extremes_only (the quick mode): of the specialisations sharing a kernel's constexprs and argument
+    types, keep only the most and the least specialised (alignment, divisibility, ==1), which bound
+    the code the compiler sees; every constexpr combination (finalize tiles, reductions, flags) stays.
+
+    Returns (uses: (work index, arch, setting) per launch compiled, FP8 launches skipped).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -252,7 +295,7 @@ def compile_all(launches: list[Launch], archs: list[int], jobs: int,
 
     _WORK.clear()
     first: dict[tuple, int] = {}
-    uses: list[tuple[int, int, str]] = []  # (work index, arch, setting)
+    uses: list[tuple[int, int, str]] = []
     skipped = 0
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -272,6 +315,26 @@ def compile_all(launches: list[Launch], archs: list[int], jobs: int,
                 first[key] = len(_WORK)
                 _WORK.append((arch, fn, kwargs, bound_args, specialization, options))
             uses.append((first[key], arch, launch.setting))
+    if extremes_only:
+        keep = _extremes(_WORK)
+        remap = {old: new for new, old in enumerate(keep)}
+        _WORK[:] = [_WORK[i] for i in keep]
+        uses = [(remap[i], arch, setting) for i, arch, setting in uses if i in remap]
+    return uses, skipped
+
+
+def planned_groups() -> set[tuple]:
+    """(arch, kernel name, constexprs and argument types) of every entry of _WORK."""
+    return {(w[0], w[1].__name__, _specialisation_degree(w[1], w[4])[0]) for w in _WORK}
+
+
+def compile_all(launches: list[Launch], archs: list[int], jobs: int,
+                force_fp8: bool = False, extremes_only: bool = False) -> tuple[int, int, list[str]]:
+    """Compile what `plan` selects, in `jobs` forked processes.
+
+    Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting).
+    """
+    uses, skipped = plan(launches, archs, force_fp8, extremes_only)
     if jobs > 1 and len(_WORK) > 1:
         import multiprocessing
 
@@ -306,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     launches, failures = collect("smoke" if args.smoke else "quick" if args.quick else "full")
     kernels = sorted({launch.fn.__name__ for launch in launches})
-    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs), args.force_fp8)
+    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs), args.force_fp8,
+                                                      extremes_only=args.quick or args.smoke)
     failures.extend(compile_failures)
     for line in failures:
         print(line)

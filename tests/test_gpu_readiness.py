@@ -79,3 +79,31 @@ def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
         subprocess.run([sys.executable, "-m", "cdm_kernels.compile_check"], env={**env, "TRITON_INTERPRET": "1"},
                        capture_output=True, check=True, timeout=300)
     assert info.value.returncode == 2  # the interpreter cannot compile: a usage error, said so
+
+
+def test_compile_check_quick_mode_reaches_every_kernel_variant_of_the_full_sweep():
+    # The quick mode (make test) keeps fewer shapes and, per kernel, only the most and least specialised
+    # integer/pointer variants; it must still reach every constexpr and argument-type combination (every
+    # finalize tile, reduction, dtype, FP8 head dim and EVEN_N) that the full sweep reaches.
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = """
+from cdm_kernels import compile_check as cc
+groups = {}
+for mode in ("quick", "full"):
+    launches, errors = cc.collect(mode)
+    assert not errors, errors
+    cc.plan(launches, [80, 90], extremes_only=mode == "quick")
+    groups[mode] = cc.planned_groups()
+    print(mode, len(cc._WORK), len(groups[mode]))
+missing = sorted(groups["full"] - groups["quick"])
+assert not missing, missing[:5]
+tiles = {g[2] for g in groups["quick"] if g[1] == "_finalize_kernel"}
+print("finalize variants", len(tiles))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    quick_compiles, full_compiles = int(counts["quick"][0]), int(counts["full"][0])
+    assert quick_compiles < full_compiles / 1.5  # the quick mode is a real reduction...
+    assert int(counts["finalize"][1]) >= 20  # ...that keeps the finalize tiles (the 3.6 crash lived there)
