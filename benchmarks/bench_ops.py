@@ -153,6 +153,15 @@ def main(argv=None):
              "| shape | op | provider | median ms | GB/s (minimal bytes) | % of copy BW | speed-up vs eager | "
              "peak extra MiB |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    hbm_bw = None
+    if device == "cuda":
+        # The per-shape copy below moves one input (8 MiB at SD3 batch 16 in bf16): L2-sized on an H100/H200
+        # (50 MB), as are the ops' working sets. A 1 GiB copy gives the HBM ceiling as well; both are reported.
+        hbm_bw = copy_bandwidth(device, reps, 1 << 30)
+        row = f"| (1 GiB) | copy (dst.copy_(src)), HBM ceiling | torch | | {hbm_bw:.1f} | | | |"
+        lines.append(row)
+        print(row, flush=True)
+        records.append({"figure": "copy_bandwidth", "shape": "1 GiB", "gbps": hbm_bw, "device": name})
     providers = _providers(device)
     if args.providers:
         keep = {p.strip() for p in args.providers.split(",")} | {"reference"}  # the speed-up baseline
@@ -185,6 +194,7 @@ def main(argv=None):
                 continue
             minimal_bytes = (reads + writes) * numel * elem
             eager_sec = None
+            seconds: dict[str, float] = {}
             for pname, fns in providers.items():
                 def once(run=run, fns=fns, backward=backward, leaves=leaves):
                     out = run(fns)
@@ -214,6 +224,7 @@ def main(argv=None):
                     continue
                 if pname == "reference":
                     eager_sec = sec
+                seconds[pname] = sec
                 gbps = minimal_bytes / sec / 1e9
                 speedup = f"{eager_sec / sec:.2f}x" if eager_sec else ""
                 row = (f"| {shape_label} {str(dtype).replace('torch.', '')} | {label} | {pname} | {sec * 1e3:.3f} | "
@@ -223,8 +234,19 @@ def main(argv=None):
                 records.append({"figure": "op_time", "shape": shape_label, "dtype": str(dtype), "op": label,
                                 "provider": pname, "median_ms": sec * 1e3, "gbps": gbps,
                                 "fraction_of_copy_bw": gbps / copy_bw,
-                                "speedup_vs_eager": (eager_sec / sec) if eager_sec else None, "device": name})
+                                "speedup_vs_eager": (eager_sec / sec) if eager_sec else None, "device": name,
+                                "fraction_of_hbm_copy_bw": (gbps / hbm_bw) if hbm_bw else None})
                 _dump(args.json, records)  # after every row: a run cut short by a timeout keeps what it measured
+            compiled = seconds.get("compile(reference)")
+            for pname, sec in seconds.items():
+                if compiled and pname not in ("reference", "compile(reference)"):
+                    row = (f"| {shape_label} | {label} | {pname} vs compile(reference) | | | | "
+                           f"{compiled / sec:.2f}x vs compile | |")
+                    lines.append(row)
+                    print(row, flush=True)
+                    records.append({"figure": "speedup_vs_compile", "shape": shape_label, "op": label,
+                                    "provider": pname, "speedup": compiled / sec, "device": name})
+            _dump(args.json, records)
     _dump(args.json, records)
     if args.markdown:
         with open(args.markdown, "a") as fh:

@@ -79,11 +79,22 @@ if [ "$DRY" = 1 ]; then
     --out "$OUT/bench_attention.json"
   step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cpu --quick --ops dm_loss --providers reference \
     --json "$OUT/bench_ops.json"
+  step bench_ops_compile 120 "$PY" benchmarks/bench_ops.py --device cpu --quick --ops euler_extrapolate \
+    --providers "compile(reference),cpp" --json "$OUT/bench_ops_compile.json"
 else
   step bench_attention 90 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
     --out "$OUT/bench_attention.json"
-  step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --quick --json "$OUT/bench_ops.json" \
-    --markdown "$OUT/bench_ops.md"
+  # Fused vs eager at the SD3 batch-16, Flux and video shapes (GB/s vs the copy ceilings, programs per SM);
+  # then torch.compile(reference) in passes of their own, the unseeded ops first: inductor's compile time
+  # (the seeded references' Philox took over 25 min on a CPU) must not starve the other figures.
+  step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --providers reference,triton \
+    --json "$OUT/bench_ops.json" --markdown "$OUT/bench_ops.md"
+  step bench_ops_compile 150 "$PY" benchmarks/bench_ops.py --device cuda --quick \
+    --ops dm_loss,cfg_loss,euler_extrapolate,euler_step --providers "triton,compile(reference)" \
+    --json "$OUT/bench_ops_compile.json" --markdown "$OUT/bench_ops_compile.md"
+  step bench_ops_compile_seeded 60 "$PY" benchmarks/bench_ops.py --device cuda --quick \
+    --ops renoise,flow_matching --providers "triton,compile(reference)" \
+    --json "$OUT/bench_ops_compile_seeded.json"
 fi
 if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
   step bench_step 150 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 \

@@ -21,7 +21,8 @@ def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
     out = tmp_path / "out"
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     names = [s["step"] for s in steps]
-    assert names == ["env", "ops", "fp8", "graphs", "pytest_gpu", "bench_attention", "bench_ops", "bench_step"]
+    assert names == ["env", "ops", "fp8", "graphs", "pytest_gpu", "bench_attention", "bench_ops", "bench_ops_compile",
+                     "bench_step"]
     failed = [s for s in steps if s["rc"] != 0]
     assert not failed, [(s, (out / f"{s['step']}.log").read_text()[-2000:]) for s in failed]
     summary = json.loads((out / "summary.json").read_text())
@@ -33,5 +34,12 @@ def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
     assert {r["op"] for r in checks} >= {"euler_extrapolate", "dm_loss", "cfg_loss", "flow_matching_loss seeded"}
     sqnr = [r for r in summary if r.get("figure") == "fp8_attention_sqnr"]
     assert sqnr and all(r["passed"] and r["sqnr_vs_float64_db"] > 20 for r in sqnr)
+    compiled = [r for r in summary if r.get("source") == "bench_ops_compile.json" and r.get("figure") == "op_time"
+                and r.get("provider") == "compile(reference)"]
+    assert compiled and all(r["median_ms"] > 0 for r in compiled)
+    from cdm_kernels.ops.utils import cpp_available
+
+    if cpp_available():  # the fused provider on the CPU: its speed-up over the compiled reference is reported
+        assert any(r.get("figure") == "speedup_vs_compile" and r["provider"] == "cpp" for r in summary)
     env_record = next(r for r in summary if r.get("source") == "env.json")
     assert env_record["cuda_available"] is False and "diffusers" in env_record["optional"]
