@@ -141,6 +141,8 @@ class Parallel:
         if self.enabled and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", self.local_rank)
         if device.type == "cuda":
+            if device.index is None:  # torch 2.11's set_device rejects an index-less "cuda" (seen on the H200)
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         if self.enabled and self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh

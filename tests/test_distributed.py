@@ -276,3 +276,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         grads.append(tr._last_student_grads)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_single_process_cuda_device_gets_an_index(monkeypatch):
+    """train.device=cuda (or auto on a GPU): torch 2.11's set_device rejects an index-less device.
+
+    Seen on the H200 (2026-12-04): every single-GPU Trainer crashed in resolve_device. The fake set_device
+    below rejects what torch 2.11's does, so this fails without the fix on any machine.
+    """
+    from cdm_train.distributed import Parallel
+
+    calls = []
+
+    def strict_set_device(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append(device)
+
+    monkeypatch.setattr(torch.cuda, "set_device", strict_set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert Parallel().resolve_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert Parallel().resolve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 3), torch.device("cuda", 1)]
+    assert Parallel().resolve_device(torch.device("cpu")) == torch.device("cpu")
