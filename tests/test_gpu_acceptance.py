@@ -20,9 +20,10 @@ def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    names = [s["step"] for s in steps]
-    assert names == ["env", "ops", "fp8", "graphs", "pytest_gpu", "bench_attention", "bench_ops", "bench_ops_compile",
-                     "bench_step"]
+    names = [s["step"] for s in steps if s["step"] != "install_wheels"]  # present when wheels were carried
+    # The end-to-end step right after the quick checks: a tight budget cuts the tail, not the figure that matters.
+    assert names == ["env", "ops", "fp8", "graphs", "bench_step", "bench_attention", "bench_ops", "bench_ops_compile",
+                     "pytest_gpu"]
     failed = [s for s in steps if s["rc"] != 0]
     assert not failed, [(s, (out / f"{s['step']}.log").read_text()[-2000:]) for s in failed]
     summary = json.loads((out / "summary.json").read_text())
