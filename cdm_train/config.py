@@ -40,6 +40,11 @@ class ModelConfig:
 @dataclass
 class ScheduleConfig:
     max_steps: int = 28  # Nmax: N ~ U{1..Nmax} rollout steps per iteration
+    # How N is drawn. Both give every rank the same N at a step (only the inner sigmas are per rank).
+    # official: random.Random((epoch, batch_idx)).randint(1, Nmax) as the official train.py (Python 3.10 seeds a
+    #   tuple by its hash; with num_batches_per_epoch = 1, (step, 0)): depends on the step only, not on train.seed.
+    # seeded: from (train.seed, step), so runs with different seeds also see different schedule lengths.
+    length_draw: str = "official"
     inner_sigma_min: float = 0.25  # inner sigmas ~ U(inner_sigma_min, inner_sigma_max)
     inner_sigma_max: float = 0.95
     fixed: list[float] | None = None  # a fixed schedule instead (e.g. [1.0, 0.75, 0.5, 0.25]); 0 is appended
@@ -77,6 +82,12 @@ class OptimConfig:
     # then constant); 0 disables it. Counted in each optimizer's own steps.
     student_warmup_steps: int = 100
     fake_warmup_steps: int = 100
+    # The official schedulers are wrapped by accelerate's prepare(), whose AcceleratedScheduler steps the LambdaLR
+    # num_processes times per optimizer step (split_batches=False, accelerate's default): optimizer step k uses
+    # lr * min(1, W * k / warmup). W = warmup_processes; None: this run's world size (1 without torchrun). Set 8 to
+    # reproduce the documented 8-GPU run on fewer GPUs, 1 to count the warm-up in optimizer steps. In the
+    # LoRA + LoRA mode the official fake-teacher scheduler is not prepared, so its warm-up always counts W = 1.
+    warmup_processes: int | None = None
 
 
 @dataclass
@@ -118,6 +129,16 @@ class TrainConfig:
     tensorboard: bool = True  # used when the tensorboard package is installed
     parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
     grad_checkpointing: bool = False  # recompute student / fake-teacher block activations in backward
+    # epoch: prompts without replacement, as the official DistributedKRepeatSampler (k = 1): a permutation of the
+    #   prompt rows (reshuffled with seed + e) is walked in global-batch slices of world x batch rows; each slice is
+    #   shuffled (seed + step) and split across ranks. A function of (seed, step, rank, world): resumes exactly.
+    # random: rows drawn with replacement from the step's own generator.
+    # Applies to prompt-embedding datasets; the digits preset draws balanced class labels either way.
+    prompt_order: str = "epoch"
+    # The rollout trajectory's dtype. float32 (default): x_k, v_k and x0_k are kept in fp32 between steps.
+    # bfloat16: the official precision (the pipeline holds latents in the bf16 embeddings' dtype and casts all_x0 to
+    # it; the training steps upcast them to the model's fp32 again). Measured on digits: docs/demo.md.
+    rollout_dtype: str = "float32"
 
 
 @dataclass
@@ -301,6 +322,7 @@ def validate(cfg: Config) -> None:
     _require(m.layers is None or m.layers >= 1, "model.layers", "must be >= 1")
     _require(m.resolution >= 16 and m.resolution % 16 == 0, "model.resolution", "must be a multiple of 16")
     _require(s.max_steps >= 1, "schedule.max_steps", "must be >= 1")
+    _require(s.length_draw in ("official", "seeded"), "schedule.length_draw", "must be official or seeded")
     _require(0.0 < s.inner_sigma_min <= s.inner_sigma_max < 1.0, "schedule.inner_sigma_min",
              "need 0 < inner_sigma_min <= inner_sigma_max < 1")
     if s.fixed is not None:
@@ -322,6 +344,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
     _require(o.student_warmup_steps >= 0, "optim.student_warmup_steps", "must be >= 0")
     _require(o.fake_warmup_steps >= 0, "optim.fake_warmup_steps", "must be >= 0")
+    _require(o.warmup_processes is None or o.warmup_processes >= 1, "optim.warmup_processes", "must be >= 1 (or null)")
     _require(0 <= o.fake_merge_decay <= 1, "optim.fake_merge_decay", "must be in [0, 1] (1 disables the merge)")
     _require(o.update_ratio >= 1, "optim.update_ratio", "must be >= 1")
     _require(sp.backend in ("auto", "reference", "triton", "cpp"), "speed.backend",
@@ -339,6 +362,8 @@ def validate(cfg: Config) -> None:
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
     _require(t.parallel in ("none", "ddp", "fsdp"), "train.parallel", "must be none, ddp or fsdp")
+    _require(t.prompt_order in ("epoch", "random"), "train.prompt_order", "must be epoch or random")
+    _require(t.rollout_dtype in ("float32", "bfloat16"), "train.rollout_dtype", "must be float32 or bfloat16")
     if t.parallel == "fsdp":
         # FSDP2 frees and re-allocates the unsharded weights around every forward, so a CUDA graph
         # captured over them would replay on stale addresses; the second stream would race its

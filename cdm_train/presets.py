@@ -83,9 +83,12 @@ class PromptBank:
         self.size = next(iter(embeddings.values())).shape[0]
 
     def __call__(self, batch: int, generator: torch.Generator) -> Cond:
-        index = torch.randint(self.size, (batch,), generator=generator)
+        return self.take(torch.randint(self.size, (batch,), generator=generator))
+
+    def take(self, rows) -> Cond:
+        """The embeddings of these rows (a list or an int64 tensor): the official order's path."""
         device = next(iter(self.embeddings.values())).device
-        index = index.to(device, non_blocking=True)
+        index = torch.as_tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         return {k: v.index_select(0, index) for k, v in self.embeddings.items()}
 
 
@@ -242,13 +245,26 @@ def build_teacher(cfg: Config, device: torch.device):
     raise ConfigError(f"model.preset: unknown preset {preset!r}")
 
 
-def _with_guidance(sampler, value: float):
+class _WithGuidance:
     """Flux conditioning carries the per-sample guidance embedding value (FluxAdapter)."""
-    def sample(batch, generator):
-        cond = sampler(batch, generator)
-        device = cond["pooled_projections"].device
-        return {**cond, "guidance": torch.full((batch,), float(value), device=device)}
-    return sample
+
+    def __init__(self, sampler, value: float):
+        self.sampler, self.value = sampler, float(value)
+        self.size = sampler.size
+
+    def _add(self, cond: Cond) -> Cond:
+        batch = cond["pooled_projections"].shape[0]
+        return {**cond, "guidance": torch.full((batch,), self.value, device=cond["pooled_projections"].device)}
+
+    def __call__(self, batch, generator):
+        return self._add(self.sampler(batch, generator))
+
+    def take(self, rows) -> Cond:
+        return self._add(self.sampler.take(rows))
+
+
+def _with_guidance(sampler, value: float) -> _WithGuidance:
+    return _WithGuidance(sampler, value)
 
 
 def _build_flux(cfg: Config, device: torch.device):

@@ -214,24 +214,39 @@ class PromptEmbeds:
         return dict(self._null)
 
 
-def epoch_indices(num: int, seed: int, step: int, rank: int, world: int, batch: int) -> list[int]:
-    """Rows for (step, rank): a fresh permutation of all rows per epoch, consumed in global-batch slices.
+def _permutation(num: int, seed: int) -> list[int]:
+    return torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()
 
-    A pure function of its arguments, so resuming at `step` continues the same sequence; ranks take
-    disjoint slices of each global batch (world x batch rows), every row once per epoch.
+
+def official_prompt_rows(num: int, seed: int, step: int, rank: int, world: int, batch: int) -> list[int]:
+    """Rows for (step, rank), exactly as the official DistributedKRepeatSampler (k = 1) yields them.
+
+    The official sampler is stateful; this is its closed form, so resuming at `step` continues the same
+    sequence. Global batch t = step takes m = world x batch rows without replacement from permutations of all
+    `num` rows (permutation e drawn with torch.randperm seeded seed + e): each permutation is cut into
+    floor(num / m) slices and its remainder is dropped; with num < m each batch concatenates ceil(m / num)
+    fresh permutations. The m rows are then shuffled (randperm seeded seed + t) and rank r takes the r-th
+    `batch` of them.
     """
-    out = []
-    start = (step * world + rank) * batch
-    for pos in range(start, start + batch):
-        epoch, offset = divmod(pos, num)
-        perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
+    if num < 1 or world < 1 or batch < 1 or not 0 <= rank < world or step < 0:
+        raise ValueError(f"official_prompt_rows: bad arguments num={num} step={step} rank={rank} world={world} "
+                         f"batch={batch}")
+    m = world * batch
+    if num >= m:
+        per_perm = num // m
+        perm, part = divmod(step, per_perm)
+        rows = _permutation(num, seed + perm)[part * m:(part + 1) * m]
+    else:
+        perms = -(-m // num)
+        rows = [r for e in range(step * perms, (step + 1) * perms) for r in _permutation(num, seed + e)][:m]
+    order = _permutation(m, seed + step)
+    shuffled = [rows[i] for i in order]
+    return shuffled[rank * batch:(rank + 1) * batch]
 
 
 class StreamingPromptBank:
-    """PromptBank over an embeddings directory: rows drawn with the step's host generator (which is
-    seeded from (seed, rank, step): deterministic, rank-aware, resumable), read memory-mapped."""
+    """PromptBank over an embeddings directory, read memory-mapped: `take(rows)` for the official order
+    (official_prompt_rows), or called with the step's host generator for rows drawn with replacement."""
 
     def __init__(self, root: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
         self.data = PromptEmbeds(root)
@@ -239,8 +254,10 @@ class StreamingPromptBank:
         self.device, self.dtype = device, dtype
 
     def __call__(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        index = torch.randint(self.size, (batch,), generator=generator).tolist()
-        return {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in self.data.rows(index).items()}
+        return self.take(torch.randint(self.size, (batch,), generator=generator).tolist())
+
+    def take(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in self.data.rows(rows).items()}
 
     def null(self) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, self.dtype) for k, v in self.data.null().items()}

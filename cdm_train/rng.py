@@ -16,7 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Stream ids: one independent random stream per purpose.
-HOST, DEVICE, NOISE_FAKE, NOISE_CA, NOISE_DM, NOISE_CDM = range(6)
+HOST, DEVICE, NOISE_FAKE, NOISE_CA, NOISE_DM, NOISE_CDM, LENGTH = range(7)  # LENGTH: drawn with rank 0 on all ranks
 
 
 def derive_seed(seed: int, rank: int, step: int, stream: int) -> int:

@@ -19,6 +19,7 @@ every row runs all N steps; the recorded values are the same either way.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,45 @@ from cdm_kernels import euler_step
 
 from .adapters import Cond, ModelAdapter, cond_select
 from .config import ScheduleConfig
+from .rng import LENGTH, derive_seed
 from .schedule import Shift, shift_sigmas
 
 
-def draw_schedule(cfg: ScheduleConfig, generator: torch.Generator) -> list[float]:
-    """The unshifted schedule: [1.0] + sorted_desc(N - 1 draws of U(lo, hi)) + [0.0], N ~ U{1..Nmax};
-    or the fixed schedule + [0.0]. This is what the official code hands to the pipeline as `sigmas`."""
+def official_num_steps(step: int, max_steps: int, batches_per_epoch: int = 1) -> int:
+    """N as the official train.py draws it: ``random.Random((epoch, batch_idx)).randint(1, Nmax)``.
+
+    The official environment is Python 3.10, where a tuple seed is replaced by its hash, cast to an unsigned
+    64-bit integer (CPython's random_seed); Python 3.11+ refuses tuple seeds, so the hash is taken here. Tuples of
+    ints hash the same in every process (no hash randomisation), so every rank draws the same N. The official
+    SD3/LongCat configs have num_batches_per_epoch = 1: (epoch, batch_idx) = (step, 0).
+    """
+    epoch, batch_idx = divmod(int(step), int(batches_per_epoch))
+    return random.Random(hash((epoch, batch_idx)) % 2**64).randint(1, int(max_steps))
+
+
+def seeded_num_steps(seed: int, step: int, max_steps: int) -> int:
+    """N from (seed, step) alone: the same on every rank, different for different seeds."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, 0, step, LENGTH))
+    return int(torch.randint(1, max_steps + 1, (1,), generator=generator))
+
+
+def draw_num_steps(cfg: ScheduleConfig, seed: int, step: int) -> int:
+    """The rollout length of iteration `step`, shared by all ranks (schedule.length_draw)."""
+    if cfg.length_draw == "official":
+        return official_num_steps(step, cfg.max_steps)
+    return seeded_num_steps(seed, step, cfg.max_steps)
+
+
+def draw_schedule(cfg: ScheduleConfig, generator: torch.Generator, num_steps: int | None = None) -> list[float]:
+    """The unshifted schedule: [1.0] + sorted_desc(N - 1 draws of U(lo, hi)) + [0.0]; or the fixed schedule +
+    [0.0]. This is what the official code hands to the pipeline as `sigmas`. N is `num_steps` (shared by the
+    ranks, `draw_num_steps`); None draws it from `generator` (for callers outside training). The inner sigmas
+    come from `generator`: per rank, as the official code's global `random` (seeded with seed + rank)."""
     if cfg.fixed is not None:
         return [float(s) for s in cfg.fixed] + [0.0]
-    n = int(torch.randint(1, cfg.max_steps + 1, (1,), generator=generator))
+    n = int(torch.randint(1, cfg.max_steps + 1, (1,), generator=generator)) if num_steps is None else int(num_steps)
+    if not 1 <= n <= cfg.max_steps:
+        raise ValueError(f"num_steps: {n} outside [1, schedule.max_steps={cfg.max_steps}]")
     inner = torch.rand(n - 1, generator=generator, dtype=torch.float64)
     inner = cfg.inner_sigma_min + (cfg.inner_sigma_max - cfg.inner_sigma_min) * inner
     return [1.0] + sorted(inner.tolist(), reverse=True) + [0.0]
@@ -76,7 +107,15 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(student: torch.nn.Module, adapter: ModelAdapter, cond: Cond, noise: torch.Tensor,
-            sigmas: list[float], indices: list[int], *, early_exit: bool) -> Rollout:
+            sigmas: list[float], indices: list[int], *, early_exit: bool,
+            state_dtype: torch.dtype | None = None) -> Rollout:
+    """`state_dtype` (e.g. bf16, the official pipeline's latents): the trajectory is held in it between steps
+    (x_k, v_k and the Euler update rounded to it, as diffusers' scheduler rounds to the model output's dtype);
+    the model is fed those values in `noise`'s dtype (under bf16 autocast the same as feeding bf16), and the
+    recorded x_i, v_i, x0_i come back in `noise`'s dtype, as the official training steps upcast them."""
+    compute_dtype = noise.dtype
+    if state_dtype is not None:
+        noise = noise.to(state_dtype)
     batch = noise.shape[0]
     n = len(sigmas) - 1
     if n < 1 or len(indices) != batch:
@@ -96,7 +135,7 @@ def rollout(student: torch.nn.Module, adapter: ModelAdapter, cond: Cond, noise: 
         rows = slice(0, active)
         sigma = torch.full((active,), sigmas[k], device=x.device, dtype=torch.float32)
         c = cond if active == batch else cond_select(cond, rows)
-        v = adapter(student, x, sigma, c).to(x.dtype)
+        v = adapter(student, x.to(compute_dtype), sigma, c).to(x.dtype)
         nfe += active
         # Rows are sorted by index (descending): those with i == k are contiguous.
         at_i = [b for b in range(active) if indices[b] == k]
@@ -109,4 +148,5 @@ def rollout(student: torch.nn.Module, adapter: ModelAdapter, cond: Cond, noise: 
         x = x_next
     sigma_i = torch.tensor([sigmas[i] for i in indices], dtype=torch.float32)
     sigma_i = sigma_i.to(noise.device, non_blocking=True)
+    x_i, v_i, x0_i = (t.to(compute_dtype) for t in (x_i, v_i, x0_i))
     return Rollout(sigmas=sigmas, indices=list(indices), x_i=x_i, v_i=v_i, sigma_i=sigma_i, x0_i=x0_i, nfe=nfe)

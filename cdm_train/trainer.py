@@ -81,17 +81,35 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    @property
+    def rollout_state_dtype(self) -> torch.dtype | None:
+        """train.rollout_dtype=bfloat16: the official bf16 trajectory (rollout.rollout's state_dtype)."""
+        return torch.bfloat16 if self.cfg.train.rollout_dtype == "bfloat16" else None
+
     def ema_decay(self, student_step: int) -> float:
         """Official warm-up (cdm/models/ema.py): min((1 + s) / (10 + s), ema_decay), s = student steps taken."""
         o = self.cfg.optim
         return min((1.0 + student_step) / (10.0 + student_step), o.ema_decay) if o.ema_warmup else o.ema_decay
 
-    def _set_lr(self, opt: torch.optim.Optimizer, base_lr: float, warmup: int, steps_taken: int) -> None:
-        """Official create_lr_lambda: lr * k / warmup for the k-th optimizer step (from 0) while k < warmup.
+    def warmup_processes(self, network: str) -> int:
+        """How many LambdaLR steps the official code takes per optimizer step of `network` (see
+        optim.warmup_processes): accelerate's num_processes for a prepared scheduler; 1 for the LoRA + LoRA
+        fake teacher, whose scheduler the official train.py does not prepare (FT_LORA_STUDENT_LORA)."""
+        if network == "fake" and self.cfg.lora.student and self.cfg.lora.fake:
+            return 1
+        w = self.cfg.optim.warmup_processes
+        return self.parallel.world_size if w is None else w
 
-        Stateless (computed from the step counters the checkpoint keeps), so resume stays exact.
-        """
-        factor = steps_taken / max(1, warmup) if steps_taken < warmup else 1.0
+    def lr_factor(self, network: str, steps_taken: int) -> float:
+        """The official create_lr_lambda at scheduler step W * k for the k-th optimizer step (from 0):
+        k * W / warmup while below 1, then 1. Stateless (from the checkpointed counters): resume stays exact."""
+        o = self.cfg.optim
+        warmup = o.student_warmup_steps if network == "student" else o.fake_warmup_steps
+        scheduler_steps = steps_taken * self.warmup_processes(network)
+        return scheduler_steps / max(1, warmup) if scheduler_steps < warmup else 1.0
+
+    def _set_lr(self, opt: torch.optim.Optimizer, network: str, base_lr: float, steps_taken: int) -> None:
+        factor = self.lr_factor(network, steps_taken)
         for group in opt.param_groups:
             group["lr"] = base_lr * factor
 
@@ -113,7 +131,8 @@ class Trainer:
         """All random draws of iteration `step` (default: the next one); a function of (seed, rank, step)."""
         m = self.models
         return draw_iteration(self.cfg, m.sample_cond, m.latent_shape, m.shift, rank=self.rank,
-                              step=self.step if step is None else step, device=self.device)
+                              world=self.parallel.world_size, step=self.step if step is None else step,
+                              device=self.device)
 
     def train_step(self) -> dict[str, Any]:
         """One iteration. Returns device-side stats (no host sync) plus host-side counts."""
@@ -125,14 +144,14 @@ class Trainer:
         with ck.use_backend(cfg.speed.backend):
             with self.autocast(), self.parallel.rollout_context(m.student):
                 ro = rollout(m.student, m.adapter, cond, d.noise, d.sigmas, d.indices,
-                             early_exit=cfg.speed.early_exit_rollout)
+                             early_exit=cfg.speed.early_exit_rollout, state_dtype=self.rollout_state_dtype)
             sg = training_sigmas(cfg, d.uniform, ro.sigma_i)
             with self.autocast():
                 loss_fake = fake_teacher_loss(cfg, m.fake, m.adapter, ro, cond, sg, rnd)
             with getattr(unwrap(m.fake), "backward_context", contextlib.nullcontext)():
                 loss_fake.backward()
             o = cfg.optim
-            self._set_lr(self.fake_opt, o.fake_lr, o.fake_warmup_steps, self.counters["fake_updates"])
+            self._set_lr(self.fake_opt, "fake", o.fake_lr, self.counters["fake_updates"])
             if self._optimizer_step(m.fake, self.fake_opt, loss_fake):
                 self.counters["fake_updates"] += 1
                 lerp_local_(m.fake, m.student, cfg.optim.fake_merge_decay)
@@ -144,7 +163,7 @@ class Trainer:
                 # LoRA on a shared base: recomputed (checkpointed) blocks must see the student's adapter.
                 with getattr(unwrap(m.student), "backward_context", contextlib.nullcontext)():
                     sl.total.backward()
-                self._set_lr(self.student_opt, o.student_lr, o.student_warmup_steps, self.counters["student_updates"])
+                self._set_lr(self.student_opt, "student", o.student_lr, self.counters["student_updates"])
                 if self._optimizer_step(m.student, self.student_opt, sl.total):
                     self.counters["student_updates"] += 1
                     # = ema.update on local shards; official: the decay of student step s (1-based) after it

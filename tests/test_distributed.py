@@ -29,8 +29,9 @@ def _spawn(fn, world: int, *args) -> None:
     # gloo's own connections bind port 0 themselves.
     import tempfile
 
-    store = Path(tempfile.mkdtemp(prefix="cdm-gloo-")) / "store"
-    mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory(prefix="cdm-gloo-") as tmp:  # removed afterwards: nothing left in /tmp
+        store = Path(tmp) / "store"
+        mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
 
 
 def _init(rank: int, world: int, store: str) -> None:

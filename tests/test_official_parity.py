@@ -122,19 +122,43 @@ def create_lr_lambda(warmup_steps):
     return lr_lambda
 
 
+class AcceleratedScheduler:
+    """accelerate/scheduler.py AcceleratedScheduler.step as the official run uses it (step_with_optimizer=True,
+    split_batches=False, no gradient accumulation, bf16 so no skipped optimizer steps): "the training dataloader
+    batch size was multiplied by num_processes, so we need to do num_processes steps per training step"."""
+
+    def __init__(self, scheduler, num_processes: int):
+        self.scheduler, self.num_processes = scheduler, num_processes
+
+    def step(self):
+        for _ in range(self.num_processes):
+            if hasattr(self.scheduler, "total_steps"):  # OneCycleLR's guard; LambdaLR has none
+                if self.scheduler._step_count <= self.scheduler.total_steps:
+                    self.scheduler.step()
+            else:
+                self.scheduler.step()
+
+
 class Official:
     """The official training state and iteration (sd3 preset: share_latent_indices, x0_source x0_next, CA
-    uniform_capped, DM uniform, CDM trajectory_eps + fresh_independent + student_pred)."""
+    uniform_capped, DM uniform, CDM trajectory_eps + fresh_independent + student_pred).
+
+    `num_processes`: accelerate's, for the schedulers accelerator.prepare() wraps (train.py ~L356 and ~L364);
+    `lora_lora`: the FT_LORA_STUDENT_LORA mode, whose fake-teacher scheduler is not prepared (a bare LambdaLR)."""
 
     def __init__(self, student, fake, teacher, null_embeds, *, student_lr, fake_lr, student_warmup, fake_warmup,
-                 update_ratio):
+                 update_ratio, num_processes=1, lora_lora=False):
         self.student, self.fake, self.teacher = student, fake, teacher
         self.null = null_embeds
         kw = dict(betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
         self.opt = torch.optim.AdamW(student.parameters(), lr=student_lr, **kw)
         self.ft_opt = torch.optim.AdamW(fake.parameters(), lr=fake_lr, **kw)
-        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, create_lr_lambda(student_warmup))
+        self.lr_sched = AcceleratedScheduler(
+            torch.optim.lr_scheduler.LambdaLR(self.opt, create_lr_lambda(student_warmup)), num_processes)
         self.ft_lr_sched = torch.optim.lr_scheduler.LambdaLR(self.ft_opt, create_lr_lambda(fake_warmup))
+        if not lora_lora:
+            self.ft_lr_sched = AcceleratedScheduler(self.ft_lr_sched, num_processes)
+        self.lrs = {"student": [], "fake": []}  # the learning rate each optimizer step used
         self.ema = [p.detach().clone() for p in student.parameters()]  # EMAModuleWrapper(decay=0.999)
         self.update_ratio = update_ratio
         self.ft_step = self.student_step = 0
@@ -158,6 +182,7 @@ class Official:
         ft_loss.backward()
         out["fake_grads"] = [p.grad.detach().clone() for p in self.fake.parameters()]
         torch.nn.utils.clip_grad_norm_(list(self.fake.parameters()), MAX_GRAD_NORM)
+        self.lrs["fake"].append(self.ft_opt.param_groups[0]["lr"])
         self.ft_opt.step()
         self.ft_lr_sched.step()
         self.ft_opt.zero_grad()
@@ -210,6 +235,7 @@ class Official:
         total.backward()
         out["student_grads"] = [p.grad.detach().clone() for p in self.student.parameters()]
         torch.nn.utils.clip_grad_norm_(list(self.student.parameters()), MAX_GRAD_NORM)
+        self.lrs["student"].append(self.opt.param_groups[0]["lr"])
         self.opt.step()
         self.lr_sched.step()
         self.opt.zero_grad()
@@ -237,7 +263,7 @@ RECIPE = ["schedule.shift=3.0", "schedule.max_steps=6", "optim.ema_decay=0.999",
           "optim.grad_clip=1.0", "loss.guidance_scale=7.0", "train.batch_size=5", *LRS]
 
 
-def _ours_and_official(tmp_path, *overrides, reference=True):
+def _ours_and_official(tmp_path, *overrides, reference=True, num_processes=1):
     cfg = tiny_config(tmp_path, *RECIPE, *overrides)
     if reference:
         from cdm_train.config import reference_mode
@@ -256,13 +282,15 @@ def _ours_and_official(tmp_path, *overrides, reference=True):
     o = cfg.optim
     off = Official(copy.deepcopy(m.student), copy.deepcopy(m.fake), copy.deepcopy(m.teacher), m.adapter.null_cond,
                    student_lr=o.student_lr, fake_lr=o.fake_lr, student_warmup=o.student_warmup_steps,
-                   fake_warmup=o.fake_warmup_steps, update_ratio=o.update_ratio)
+                   fake_warmup=o.fake_warmup_steps, update_ratio=o.update_ratio, num_processes=num_processes)
     grads: dict[str, list] = {"student": [], "fake": []}
+    tr.lrs = {"student": [], "fake": []}
     original = tr._optimizer_step
 
     def recording_step(module, opt, loss):
         name = "student" if opt is tr.student_opt else "fake"
         grads[name].append([p.grad.detach().clone() for p in module.parameters()])
+        tr.lrs[name].append(opt.param_groups[0]["lr"])
         return original(module, opt, loss)
 
     tr._optimizer_step = recording_step
@@ -343,3 +371,40 @@ def test_the_transcription_notices_the_old_deviations(tmp_path, monkeypatch):
     monkeypatch.setattr("cdm_train.trainer.fake_teacher_loss", one_step_late)
     tr, off, ours, theirs, grads = _ours_and_official(tmp_path, "optim.update_ratio=1")
     assert abs(float(ours[0]["loss_fake"]) - float(theirs[0]["loss_fake"])) > 1e-3
+
+
+@pytest.mark.parametrize("processes, lrs", [
+    (4, ["optim.student_warmup_steps=10", "optim.fake_warmup_steps=10"]),
+    # The official learning rates and warm-ups of the documented 8-GPU launch (config.sd3, accelerate_ddp.yaml).
+    (8, ["optim.student_lr=1e-5", "optim.fake_lr=5e-6", "optim.student_warmup_steps=100",
+         "optim.fake_warmup_steps=100"]),
+])
+def test_lr_warmup_is_stepped_as_accelerate_steps_it(tmp_path, processes, lrs):
+    """optim.warmup_processes = W reproduces a W-process accelerate launch's warm-up in one process."""
+    tr, off, ours, theirs, grads = _ours_and_official(tmp_path, "optim.update_ratio=1",
+                                                      f"optim.warmup_processes={processes}", *lrs,
+                                                      num_processes=processes)
+    o = tr.cfg.optim
+    for name, base, warmup in (("student", o.student_lr, o.student_warmup_steps),
+                               ("fake", o.fake_lr, o.fake_warmup_steps)):
+        assert tr.lrs[name] == pytest.approx(off.lrs[name], rel=1e-12, abs=0), name
+        # k-th optimizer step: lr * min(1, W k / warmup), not lr * k / warmup (the single-process reading).
+        assert tr.lrs[name] == pytest.approx([base * min(1.0, processes * k / warmup) for k in range(ITERATIONS)])
+        assert tr.lrs[name][1] > base * 1 / warmup * 1.5
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        for key in ("loss_fake", "loss_ca", "loss_dm", "loss_cdm"):
+            _close(a[key], b[key], 2e-5, 1e-7, f"iteration {k} {key}")
+    for p, q in zip(tr.models.student.parameters(), off.student.parameters()):
+        _close(p.detach(), q.detach(), 1e-5, 2e-6, "student weights")
+
+
+def test_warmup_processes_default_is_the_world_size_and_lora_fake_counts_once(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, "train.batch_size=2", "schedule.max_steps=2", "optim.student_warmup_steps=100",
+                             "optim.fake_warmup_steps=100"))
+    assert tr.warmup_processes("student") == tr.warmup_processes("fake") == 1  # one process: optimizer steps
+    tr.parallel.world_size = 8  # as under an 8-process launch
+    assert tr.warmup_processes("student") == tr.warmup_processes("fake") == 8
+    assert tr.lr_factor("student", 12) == pytest.approx(0.96) and tr.lr_factor("student", 13) == 1.0
+    tr.cfg.lora.student = tr.cfg.lora.fake = True  # FT_LORA_STUDENT_LORA: the fake scheduler is not prepared
+    assert tr.warmup_processes("student") == 8 and tr.warmup_processes("fake") == 1
+    assert tr.lr_factor("fake", 12) == pytest.approx(0.12)

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers", reason="encode-prompts tests need transformers (a [dev] extra)")
 
 from cdm_train.cli import main  # noqa: E402
-from cdm_train.prompts import PromptDataError, PromptEmbeds, epoch_indices, read_prompts  # noqa: E402
+from cdm_train.prompts import PromptDataError, PromptEmbeds, official_prompt_rows, read_prompts  # noqa: E402
 
 WORDS = ["a", "cat", "dog", "on", "the", "moon", "red", "photo", "of", "blue", "car", "é"]
 
@@ -100,12 +100,22 @@ def test_sd3_medium_preset_streams_the_directory(sd3_dir, tmp_path):
     assert a["encoder_hidden_states"].shape == (5, 77 + 8, 16)
 
 
-def test_epoch_indices_are_disjoint_per_rank_and_resumable():
-    n, world, batch = 10, 2, 3
-    seen = [epoch_indices(n, 7, step, rank, world, batch) for step in range(5) for rank in range(world)]
-    flat = [i for rows in seen for i in rows]
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # each row once an epoch
-    assert epoch_indices(n, 7, 3, 1, world, batch) == seen[3 * world + 1]  # a pure function of (step, rank)
+def test_official_prompt_rows_walk_permutations_without_replacement():
+    # 11 rows, global batch 2 x 2 = 4: two slices per permutation, the 3 left over are dropped (official sampler).
+    n, world, batch = 11, 2, 2
+    slices = [[r for rank in range(world) for r in official_prompt_rows(n, 7, step, rank, world, batch)]
+              for step in range(6)]
+    for perm in range(3):  # steps 2e, 2e + 1 come from permutation e: 8 distinct rows
+        rows = slices[2 * perm] + slices[2 * perm + 1]
+        assert len(set(rows)) == 8 and all(0 <= r < n for r in rows)
+    assert slices[0] != slices[2]  # a fresh permutation per pass
+    assert official_prompt_rows(n, 7, 3, 1, world, batch) == slices[3][2:]  # a pure function of (step, rank)
+    assert official_prompt_rows(n, 8, 3, 1, world, batch) != slices[3][2:]  # and of the seed
+    # Fewer rows than a global batch: every row appears in each batch (whole permutations concatenated).
+    small = [r for rank in range(3) for r in official_prompt_rows(4, 0, 5, rank, 3, 2)]
+    assert len(small) == 6 and set(small) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="rank"):
+        official_prompt_rows(4, 0, 0, 3, 3, 2)
 
 
 def test_bad_files_fail_with_a_clear_message(sd3_dir, tmp_path, capsys):
