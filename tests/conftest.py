@@ -11,8 +11,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# A fresh inductor cache per session: stale compiled artefacts must never mask a bug.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cdm-inductor-"))
+# A fresh inductor cache per session: stale compiled artefacts must never mask a bug. Removed at exit
+# (tests leave nothing behind in /tmp); subprocesses inherit the variable and finish before we do.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    _inductor_cache = tempfile.mkdtemp(prefix="cdm-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, True)
 
 import pytest  # noqa: E402
 
