@@ -5,7 +5,8 @@
 #   benchmarks/gpu_acceptance.sh --cpu-dry-run   # the same steps on the CPU (interpreter, tiny shapes)
 #
 # Writes everything under $OUT (default ./gpu_out): one log and one JSON per step, steps.jsonl (exit
-# code and seconds of each step) and summary.json (one record per figure). Each step runs under its
+# code and seconds of each step) and summary.json (one record per figure). CDM_ACCEPTANCE_ONLY=step,step
+# runs a subset (e.g. a follow-up call after a fix). Each step runs under its
 # own timeout, and the steps share one deadline (CDM_ACCEPTANCE_BUDGET_S, default 530 s), so a slow
 # step shortens the later ones instead of overrunning. A failing step is recorded and the run goes on.
 #
@@ -41,6 +42,10 @@ fi
 step() {
   local name="$1" limit="$2"; shift 2
   local now left rc t0
+  # CDM_ACCEPTANCE_ONLY=a,b,c: run only these steps (a short follow-up call on a lease that is nearly spent).
+  if [ -n "${CDM_ACCEPTANCE_ONLY:-}" ] && [ "$name" != install_wheels ] && [[ ",$CDM_ACCEPTANCE_ONLY," != *",$name,"* ]]; then
+    return 0
+  fi
   now=$(date +%s); left=$(( BUDGET - (now - START) ))
   if [ "$left" -lt 15 ]; then
     echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"out of time budget\"}" >> "$OUT/steps.jsonl"
