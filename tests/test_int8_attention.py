@@ -445,3 +445,25 @@ def test_gpu_int8_kernel_matches_twin():
         out = int8_attention(q, k, v)
     ref = int8_attention_reference(q, k, v, **_blocks(64))
     assert sqnr_db(out, ref) >= 50.0  # the GPU sums in another order; its exp2 is approximate
+
+
+@needs_triton
+def test_sm80_machine_code_has_imma_without_a_gpu(tmp_path):
+    """Compiled for A100 (triton's bundled ptxas) and disassembled (its cuobjdump): QK^T is an IMMA."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "cdm_kernels.attention.int8_sass", "--arch", "80", "--head-dim", "64"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode == 2 and "not found" in res.stderr:
+        pytest.skip(res.stderr.strip())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("sm_80 D=64"))
+    import ast
+
+    counts = ast.literal_eval(line.split("SASS ")[1].split("}")[0] + "}")  # the printed dict of opcode counts
+    assert counts.get("IMMA", 0) > 0 and counts.get("HMMA", 0) > 0, line

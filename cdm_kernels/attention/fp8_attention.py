@@ -167,9 +167,9 @@ def check_triton_path_device(device: torch.device, capability: tuple[int, int] |
     if cap < (8, 9):
         raise ValueError(
             f"path='triton': the FP8 attention kernel needs FP8 tensor cores (sm_89 or newer: L4/L40/RTX 4090, "
-            f"H100/H200), but {device} is sm_{cap[0]}{cap[1]}. Use path='auto' (it takes SDPA in the input dtype "
-            f"there: the INT8-QK kernel from sm_80 up), path='int8', path='sdpa', or path='fa3'/'te' where "
-            f"installed.")
+            f"H100/H200), but {device} is sm_{cap[0]}{cap[1]}. Use path='auto' (there: the INT8-QK kernel from "
+            f"sm_80 up for head dims 64/128, else SDPA in the input dtype), path='int8', path='sdpa', or "
+            f"path='fa3'/'te' where installed.")
 
 
 def _require_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> None:
