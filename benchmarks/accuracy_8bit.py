@@ -33,6 +33,7 @@ SHAPES = {  # name: (S, D); 24 heads each
 SCHEMES = {
     "int8-qk (ours)": lambda q, k, v: int8_attention_reference(q, k, v),
     "int8-qk, no K smoothing": lambda q, k, v: int8_attention_reference(q, k, v, smooth_k=False),
+    "int8-qk, P and V in fp32": lambda q, k, v: int8_attention_reference(q, k, v, round_pv=False),
     "fp8 (ours)": lambda q, k, v: fp8_attention_reference(q, k, v),
     "bf16 sdpa": lambda q, k, v: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()),
 }
