@@ -58,6 +58,14 @@ def _attend(q, k, v, softmax_scale=None):
         return int8_attention(q, k, v, softmax_scale)
 
 
+def _assert_same(got, expected):
+    """Bit for bit in the interpreter; on a GPU K's mean (a torch reduction) may sum in another order."""
+    if INTERPRETED:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        assert sqnr_db(got, expected) >= 50.0
+
+
 # ----------------------------------------------------------------------------- the twin's rounding
 
 
@@ -98,14 +106,15 @@ def test_quantisation_equals_twin_exactly(dtype):
     q, k, _ = _qkv(b, h, s, d, dtype=dtype, seed=21, key_offset=3.0)
     bm, bn = 128, 64
     q8, k8, q_scale, k_scale = quantize_qk_int8(q, k, 0.125, bm, bn)
-    qf = q.float().cpu() * torch.tensor(0.125 * LOG2E, dtype=torch.float32)
-    kf = k.float().cpu() - torch.mean(k.cpu(), dim=2, dtype=torch.float32, keepdim=True)
+    # The twin on the kernel's device: the same torch.mean call then gives the same mean, bit for bit.
+    qf = q.float() * torch.tensor(0.125 * LOG2E, dtype=torch.float32, device=q.device)
+    kf = k.float() - torch.mean(k, dim=2, dtype=torch.float32, keepdim=True)
     tq8, tq_scale = quantize_int8_blocks(qf, bm)
     tk8, tk_scale = quantize_int8_blocks(kf, bn)
-    assert torch.equal(q8.cpu().float(), tq8.view(b * h, -1, d))
-    assert torch.equal(k8.cpu().float(), tk8.view(b * h, -1, d))
-    assert torch.equal(q_scale.cpu(), tq_scale.view(b * h, -1))
-    assert torch.equal(k_scale.cpu(), tk_scale.view(b * h, -1))
+    assert torch.equal(q8.float(), tq8.view(b * h, -1, d))
+    assert torch.equal(k8.float(), tk8.view(b * h, -1, d))
+    assert torch.equal(q_scale, tq_scale.view(b * h, -1))
+    assert torch.equal(k_scale, tk_scale.view(b * h, -1))
     assert q8.abs().max() == 127 and k8.abs().max() == 127  # each block's amax maps to 127
     assert (q8[:, s:] == 0).all() and (k8[:, s:] == 0).all()  # padded rows are zeros
 
@@ -152,11 +161,11 @@ def test_non_contiguous_inputs():
     views = [t.transpose(1, 2) for t in bshd]
     assert not views[0].is_contiguous()
     expected = _attend(*[t.contiguous() for t in views])
-    torch.testing.assert_close(_attend(*views), expected, rtol=0, atol=0)
+    _assert_same(_attend(*views), expected)
     wide = [torch.randn(b, 2 * h, s, d, generator=g).to(DEVICE, torch.bfloat16)[:, 1::2] for _ in range(3)]
-    torch.testing.assert_close(_attend(*wide), _attend(*[t.contiguous() for t in wide]), rtol=0, atol=0)
+    _assert_same(_attend(*wide), _attend(*[t.contiguous() for t in wide]))
     d_strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in views]  # stride 1 along S
-    torch.testing.assert_close(_attend(*d_strided), expected, rtol=0, atol=0)
+    _assert_same(_attend(*d_strided), expected)
 
 
 @needs_kernel
@@ -350,7 +359,7 @@ def test_sd3_int8_emulated_mode_runs_the_int8_twin(sd3, monkeypatch):
         sd3.zero_grad(set_to_none=True)
 
 
-@needs_kernel
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRETED), reason="the tiny model runs on CPU: needs the interpreter")
 def test_sd3_int8_no_grad_mode_runs_the_int8_kernel(sd3, monkeypatch):
     from tests.test_fp8_attention import TEXT_TOKENS, _rel_err, _run, _sd3_inputs
 
