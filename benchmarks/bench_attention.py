@@ -8,6 +8,9 @@ CPU smoke run through the Triton interpreter (tiny shapes; proves the script and
     python benchmarks/bench_attention.py --device cpu --quick
 
 FLOPs per forward: 4 * B * H * S^2 * D (two GEMMs). Times include our Q/K/V quantisation pre-pass.
+Providers: sdpa-bf16 (flash), ours-fp8 (fp8_attention path="auto": the FP8 kernel on sm_89+, the INT8-QK
+kernel on sm_80/86; the "runs" column says which), ours-int8 (path="int8", sm_80+: half its FLOPs are
+int8 ops, so its TFLOP/s is "TFLOP-equivalent"), fa3-fp8 / te-fp8 where installed.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from cdm_kernels.attention import (  # noqa: E402
     _backends,  # noqa: E402
     attention_float,
     fp8_attention,
+    native_int8_available,
     patch_attention,
     sqnr_db,
 )
+from cdm_kernels.attention.fp8_attention import cuda_auto_path  # noqa: E402
 
 GPU_SHAPES = [  # (name, B, H, S, D)
     *[(f"SD3-M 1024px B={b}", b, 24, 4429, 64) for b in (2, 4, 8, 16)],
@@ -86,6 +91,8 @@ def providers(device: str) -> dict:
         return F.scaled_dot_product_attention(q, k, v)
 
     provs = {"sdpa-bf16": sdpa, "ours-fp8": lambda q, k, v: fp8_attention(q, k, v, path="auto")}
+    if device == "cpu" or native_int8_available(torch.device("cuda")):
+        provs["ours-int8"] = lambda q, k, v: fp8_attention(q, k, v, path="int8")
     if device == "cuda":
         for name, present in _backends.available().items():
             if present:
@@ -105,6 +112,9 @@ def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict
         base = None
         for pname, fn in providers(device).items():
             row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "provider": pname}
+            if pname == "ours-fp8":  # what path="auto" picked on this device
+                row["runs"] = (cuda_auto_path(torch.cuda.get_device_capability(), d) if device == "cuda"
+                               else "triton (interpreter)")
             try:
                 with torch.no_grad():
                     row["sqnr_db"] = round(sqnr_db(fn(qs, ks, vs), exact), 2)

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_checks.py env     --out OUT/env.json
     python benchmarks/gpu_checks.py ops     --out OUT/ops.json      # every op vs its reference, real shapes
-    python benchmarks/gpu_checks.py fp8     --out OUT/fp8.json      # FP8 attention SQNR vs float64 and vs twin
+    python benchmarks/gpu_checks.py fp8     --out OUT/fp8.json      # FP8, INT8-QK attention SQNR vs float64, twin
     python benchmarks/gpu_checks.py graphs  --out OUT/graphs.json   # CUDA-graph capture + replay of a loss fwd+bwd
     python benchmarks/gpu_checks.py summary --dir OUT               # OUT/summary.json: one record per figure
 
@@ -145,7 +145,13 @@ def cmd_ops(args) -> int:
 
 
 def cmd_fp8(args) -> int:
-    from cdm_kernels.attention import attention_float, fp8_attention, fp8_attention_reference, sqnr_db
+    from cdm_kernels.attention import (
+        attention_float,
+        fp8_attention,
+        fp8_attention_reference,
+        int8_attention_reference,
+        sqnr_db,
+    )
 
     device = "cpu" if args.cpu else "cuda"
     settings = [(1, 2, 130, 64)] if args.cpu else [(1, 24, 4096, 64), (1, 24, 4429, 64), (2, 8, 4096, 128)]
@@ -163,6 +169,19 @@ def cmd_fp8(args) -> int:
             rec.update(sqnr_vs_float64_db=sqnr_db(out, exact), twin_sqnr_vs_float64_db=sqnr_db(twin, exact),
                        sqnr_vs_twin_db=sqnr_db(out, twin))
             rec["passed"] = rec["sqnr_vs_float64_db"] >= 24.0 and rec["sqnr_vs_twin_db"] >= 35.0
+        except Exception as exc:
+            rec.update(passed=False, error=f"{type(exc).__name__}: {exc}"[:400])
+        failed += 0 if rec["passed"] else 1
+        records.append(rec)
+        # The INT8-QK kernel (A100's 8-bit attention; runs from sm_80 up): >= 30 dB, and its twin's roundings.
+        rec = {"figure": "int8_attention_sqnr", "shape": f"B{b} H{h} S{s} D{d}"}
+        try:
+            with torch.no_grad():
+                out = fp8_attention(q, k, v, path="int8").float()
+                twin = int8_attention_reference(q, k, v)
+            rec.update(sqnr_vs_float64_db=sqnr_db(out, exact), twin_sqnr_vs_float64_db=sqnr_db(twin, exact),
+                       sqnr_vs_twin_db=sqnr_db(out, twin))
+            rec["passed"] = rec["sqnr_vs_float64_db"] >= 30.0 and rec["sqnr_vs_twin_db"] >= 45.0
         except Exception as exc:
             rec.update(passed=False, error=f"{type(exc).__name__}: {exc}"[:400])
         failed += 0 if rec["passed"] else 1

@@ -1,6 +1,6 @@
 """Quality ablation of CDM on the digits default (a benchmark script, not a test).
 
-Seven variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
+Eight variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
 (FD to the held-out digits and class accuracy, cdm_train.eval, EVAL_PER_CLASS samples per class):
 
 1. cdm          full CDM: dynamic continuous schedule, CA + DM + off-trajectory DM (the digits preset);
@@ -12,7 +12,8 @@ Seven variants, same iteration budget and training seeds, each evaluated at 1/2/
 6. cdm-fp8      full CDM with FP8 attention in every pass without gradient (real teacher, fake-teacher
                 scoring, rollout) through the kernel's PyTorch twin (same e4m3 roundings; the digits model's
                 head dim 32 is outside the kernel's {64, 128}). Evaluated with the stock attention.
-7. cdm-bf16-rollout  full CDM with the official bf16 rollout trajectory (train.rollout_dtype=bfloat16: x_k, v_k
+7. cdm-int8     the same with the INT8-QK scheme (A100's 8-bit attention) through its twin.
+8. cdm-bf16-rollout  full CDM with the official bf16 rollout trajectory (train.rollout_dtype=bfloat16: x_k, v_k
                 and the Euler update rounded to bf16 between steps, as the official pipeline holds its latents).
 
     .venv/bin/python benchmarks/quality_ablation.py --seeds 0 1 2 --jobs 2 --out benchmarks/quality_ablation.json
@@ -41,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "cdm-merge": ["optim.fake_merge_decay=0.999"],
     "cdm-fp8": ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
                 "speed.fp8_attention_rollout=true", "speed.fp8_attention_emulate=true"],
+    "cdm-int8": ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
+                 "speed.fp8_attention_rollout=true", "speed.fp8_attention_emulate=true", "speed.attention_8bit=int8"],
     "cdm-bf16-rollout": ["train.rollout_dtype=bfloat16"],
 }
 STEPS = (1, 2, 4, 8)

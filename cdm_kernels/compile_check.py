@@ -150,11 +150,18 @@ def exercise_ops(batch: int, sample_shape: tuple, dtype, layout: str, sigma_kind
         ck.flow_matching_loss(t(True), t(), t(), reduction=reduction).sum().backward()
 
 
-def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype) -> None:
+def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype, kind: str = "fp8") -> None:
+    from .attention._int8_kernels import triton_int8_attention
     from .attention._kernels import triton_fp8_attention
 
     q, k, v = (torch.empty((batch, heads, seq, head_dim), dtype=dtype) for _ in range(3))
-    triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
+    if kind == "int8":
+        # K's mean is a torch op on the (uninitialised) stand-in: fine, only the launches are recorded.
+        # (B, S, H, D) memory seen as (B, H, S, D), what the diffusers processors pass: V is read in place.
+        v = torch.empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
+        triton_int8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
+    else:
+        triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
 
 
 def op_settings(mode: str):
@@ -197,6 +204,7 @@ def attention_settings(mode: str):
         for d in ((64,) if mode == "smoke" else (64, 128)):
             for s in ((4429,) if mode == "smoke" else (4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):
                 yield f"fp8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype)
+                yield f"int8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype, "int8")
 
 
 def collect(mode: str) -> tuple[list[Launch], list[str]]:
@@ -220,7 +228,7 @@ def collect(mode: str) -> tuple[list[Launch], list[str]]:
 
 
 FP8_KERNELS = ("_quantize_qkv_kernel", "_fp8_attention_fwd_kernel")
-FP8_MIN_ARCH = 89  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hopper); sm_80 takes the SDPA path instead
+FP8_MIN_ARCH = 89  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hopper); sm_80 takes the INT8-QK kernel instead
 
 _WORK: list[tuple] = []  # (arch, fn, args, kwargs, bound_args, specialization, options): read by forked workers
 

@@ -106,6 +106,9 @@ class SpeedConfig:
     # The fp8_attention_* switches run the PyTorch twin of the FP8 kernel (same e4m3 roundings, any device and
     # head dim, slower than SDPA) instead of the kernel: for measuring FP8's effect on quality without a GPU.
     fp8_attention_emulate: bool = False
+    # 8-bit format of the fp8_attention_* switches: auto (FP8 on sm_89+, INT8-QK on sm_80/86; emulated: the FP8
+    # twin) | int8 (the INT8-QK kernel on any sm_80+ GPU; emulated: its twin). See docs/fp8.md.
+    attention_8bit: str = "auto"
     # CUDA graphs, streams, compile (docs/graphs.md). Eager fallback on the CPU. Off by default.
     cuda_graphs_teacher: bool = False  # real teacher + fake no-grad scoring replayed as CUDA graphs (one per shape)
     overlap_teacher_calls: bool = False  # real and fake teacher at the same x_t concurrently on two streams
@@ -351,6 +354,7 @@ def validate(cfg: Config) -> None:
              "must be auto, reference, triton or cpp")
     _require(sp.rollout_graph_mode in ("capture", "compile"), "speed.rollout_graph_mode",
              "must be capture or compile")
+    _require(sp.attention_8bit in ("auto", "int8"), "speed.attention_8bit", "must be auto or int8")
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")

@@ -358,7 +358,8 @@ def apply_fp8_switches(cfg: Config, models: Models) -> None:
     if any(on for on, _ in targets):
         from cdm_kernels import patch_attention
 
-        mode = "fp8_emulated_no_grad" if sp.fp8_attention_emulate else "fp8_no_grad"
+        fmt = "int8" if sp.attention_8bit == "int8" else "fp8"
+        mode = f"{fmt}_emulated_no_grad" if sp.fp8_attention_emulate else f"{fmt}_no_grad"
         for on, net in targets:
             if on:
                 patch_attention(net, mode=mode)

@@ -38,8 +38,9 @@ def test_without_the_cpp_extension_auto_falls_back_to_reference():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
-def test_fp8_attention_on_a_gpu_without_fp8_tensor_cores_takes_sdpa_and_says_so(monkeypatch, caplog):
-    """sm_80 (A100): the path resolves to SDPA, logged once; no CUDA needed to check the decision."""
+def test_fp8_attention_on_a_gpu_without_fp8_tensor_cores_takes_int8_and_says_so(monkeypatch, caplog):
+    """sm_80 (A100): the path resolves to the INT8-QK kernel (SDPA for head dims it lacks), logged once;
+    no CUDA needed to check the decision."""
     import importlib
 
     fa = importlib.import_module("cdm_kernels.attention.fp8_attention")  # the module, not the same-named function
@@ -55,10 +56,15 @@ def test_fp8_attention_on_a_gpu_without_fp8_tensor_cores_takes_sdpa_and_says_so(
         dtype = torch.bfloat16
         shape = (1, 1, 128, 64)
 
+    class FakeCudaTensorD32(FakeCudaTensor):
+        shape = (1, 1, 128, 32)
+
     with caplog.at_level(logging.INFO, logger="cdm_kernels"):
-        assert fa._resolve_path(FakeCudaTensor(), "auto") == "sdpa"
-        assert fa._resolve_path(FakeCudaTensor(), "auto") == "sdpa"
+        assert fa._resolve_path(FakeCudaTensor(), "auto") == "int8"
+        assert fa._resolve_path(FakeCudaTensor(), "auto") == "int8"
+        assert fa._resolve_path(FakeCudaTensorD32(), "auto") == "sdpa"  # the INT8 kernel has D 64 / 128 only
     lines = [r.getMessage() for r in caplog.records if "no FP8 tensor cores" in r.getMessage()]
-    assert len(lines) == 1 and "A100" in lines[0] and "sm_80" in lines[0]
+    assert len(lines) == 1 and "INT8-QK" in lines[0] and "A100" in lines[0] and "sm_80" in lines[0]
+    assert any("SDPA" in r.getMessage() and "head dim 32" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fa._resolve_path(FakeCudaTensor(), "auto") == "triton"

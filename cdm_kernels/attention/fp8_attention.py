@@ -6,10 +6,12 @@ never imports triton); the quantisation scheme is specified by
 attention by SQNR.
 
 Dispatch (``path`` resolved inside the op, so torch.compile sees one opaque custom op):
-CUDA sm_89+ (Ada, Hopper, Blackwell): Triton FP8 kernel. CUDA below sm_89 (A100 has no FP8
-tensor cores): SDPA in the input dtype (flash backend for bf16/fp16). CPU: the Triton kernel
-under ``TRITON_INTERPRET=1``, else SDPA. Each fallback is logged once. The optional backends
-"fa3" and "te" run only when asked for by name.
+CUDA sm_89+ (Ada, Hopper, Blackwell): Triton FP8 kernel. CUDA sm_80 to sm_88 (A100, A10/RTX 30xx:
+INT8 but no FP8 tensor cores): the INT8-QK kernel (``int8_attention.py``; head dims 64 and 128).
+Older GPUs and other head dims: SDPA in the input dtype (flash backend for bf16/fp16). CPU: the
+Triton FP8 kernel under ``TRITON_INTERPRET=1``, else SDPA. Each choice is logged once.
+``path="int8"`` selects the INT8-QK kernel on any GPU from sm_80 up (and in the interpreter); the
+optional backends "fa3" and "te" run only when asked for by name.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger("cdm_kernels")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-PATHS = ("auto", "triton", "sdpa", "fa3", "te")
+PATHS = ("auto", "triton", "int8", "sdpa", "fa3", "te")
 
 _logged: set[str] = set()
 
@@ -65,6 +67,18 @@ def native_fp8_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def cuda_auto_path(capability: tuple[int, int], head_dim: int) -> str:
+    """What path="auto" runs on a CUDA GPU of this compute capability (with triton installed)."""
+    from .int8_attention import INT8_MIN_CAPABILITY, SUPPORTED_INT8_HEAD_DIMS
+
+    cap = tuple(capability)
+    if cap >= (8, 9):
+        return "triton" if head_dim in SUPPORTED_HEAD_DIMS else "sdpa"
+    if cap >= INT8_MIN_CAPABILITY and head_dim in SUPPORTED_INT8_HEAD_DIMS:
+        return "int8"
+    return "sdpa"
+
+
 def _resolve_path(q: torch.Tensor, path: str) -> str:
     if path != "auto":
         return path
@@ -76,13 +90,13 @@ def _resolve_path(q: torch.Tensor, path: str) -> str:
                   q.shape[-1], SUPPORTED_HEAD_DIMS)
         return "sdpa"
     if q.device.type == "cuda" and not _interpret():
-        if native_fp8_available(q.device):
-            _log_once("triton-gpu", "cdm_kernels.fp8_attention: Triton FP8 kernel on %s (sm_%d%d)",
-                      torch.cuda.get_device_name(q.device), *torch.cuda.get_device_capability(q.device))
-            return "triton"
-        _log_once("sdpa-gpu", "cdm_kernels.fp8_attention: %s (sm_%d%d) has no FP8 tensor cores; using SDPA in %s",
-                  torch.cuda.get_device_name(q.device), *torch.cuda.get_device_capability(q.device), q.dtype)
-        return "sdpa"
+        cap = torch.cuda.get_device_capability(q.device)
+        chosen = cuda_auto_path(cap, q.shape[-1])
+        what = {"triton": "Triton FP8 kernel", "int8": "Triton INT8-QK kernel (no FP8 tensor cores)",
+                "sdpa": f"SDPA in {q.dtype} (no 8-bit kernel for head dim {q.shape[-1]} here)"}[chosen]
+        _log_once(f"gpu-{chosen}-{q.shape[-1]}", "cdm_kernels.fp8_attention: %s on %s (sm_%d%d)", what,
+                  torch.cuda.get_device_name(q.device), *cap)
+        return chosen
     if _interpret():
         _log_once("interp", "cdm_kernels.fp8_attention: Triton FP8 kernel through the interpreter (TRITON_INTERPRET=1)")
         return "triton"
@@ -98,6 +112,10 @@ def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         from ._kernels import triton_fp8_attention
 
         return triton_fp8_attention(q, k, v, softmax_scale)
+    if path == "int8":
+        from ._int8_kernels import triton_int8_attention
+
+        return triton_int8_attention(q, k, v, softmax_scale)
     if path == "sdpa":
         return _sdpa(q, k, v, softmax_scale)
     from . import _backends
@@ -133,6 +151,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str) -> None
         raise ValueError(f"q: head dim {q.shape[-1]} not supported by the Triton FP8 kernel {SUPPORTED_HEAD_DIMS}")
     if path == "triton":
         check_triton_path_device(q.device)
+    if path == "int8":
+        from .int8_attention import check_int8_head_dim, check_int8_path_device
+
+        check_int8_head_dim(q.shape[-1])
+        check_int8_path_device(q.device)
 
 
 def check_triton_path_device(device: torch.device, capability: tuple[int, int] | None = None) -> None:
@@ -144,8 +167,18 @@ def check_triton_path_device(device: torch.device, capability: tuple[int, int] |
     if cap < (8, 9):
         raise ValueError(
             f"path='triton': the FP8 attention kernel needs FP8 tensor cores (sm_89 or newer: L4/L40/RTX 4090, "
-            f"H100/H200), but {device} is sm_{cap[0]}{cap[1]}. Use path='auto' (it takes SDPA in the input dtype "
-            f"there), path='sdpa', or path='fa3'/'te' where installed.")
+            f"H100/H200), but {device} is sm_{cap[0]}{cap[1]}. Use path='auto' (there: the INT8-QK kernel from "
+            f"sm_80 up for head dims 64/128, else SDPA in the input dtype), path='int8', path='sdpa', or "
+            f"path='fa3'/'te' where installed.")
+
+
+def _require_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> None:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(
+            f"{name} is forward-only (no backward), but an input requires grad under grad mode. Call it "
+            "under torch.no_grad()/torch.inference_mode(), or use patch_attention(mode='fp8_no_grad'), which "
+            "falls back to SDPA whenever gradients are needed."
+        )
 
 
 def fp8_attention(
@@ -163,15 +196,11 @@ def fp8_attention(
     contiguous. ``softmax_scale`` defaults to ``1 / sqrt(D)``.
 
     Forward-only: raises RuntimeError for inputs that require grad while grad mode is on.
-    ``path``: "auto" (see module doc), or force "triton", "sdpa", "fa3" (flash_attn_interface
-    FP8) or "te" (Transformer Engine FP8 DPA); the last two only when installed.
+    ``path``: "auto" (see module doc), or force "triton" (FP8, sm_89+), "int8" (INT8-QK, sm_80+, head
+    dims 64/128), "sdpa", "fa3" (flash_attn_interface FP8) or "te" (Transformer Engine FP8 DPA); the
+    last two only when installed.
     """
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError(
-            "fp8_attention is forward-only (no backward), but an input requires grad under grad mode. Call it "
-            "under torch.no_grad()/torch.inference_mode(), or use patch_attention(mode='fp8_no_grad'), which "
-            "falls back to SDPA whenever gradients are needed."
-        )
+    _require_no_grad(q, k, v, "fp8_attention")
     _check(q, k, v, path)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
@@ -179,4 +208,4 @@ def fp8_attention(
 
 
 __all__ = ["fp8_attention", "kernel_config", "native_fp8_available", "check_triton_path_device",
-           "SUPPORTED_HEAD_DIMS"]
+           "cuda_auto_path", "SUPPORTED_HEAD_DIMS"]

@@ -12,7 +12,10 @@ otherwise (and always in mode "bf16") it makes exactly the stock call, so the re
 bit-identical to diffusers'. Mode "fp8_emulated_no_grad" replaces the kernel by its PyTorch twin
 (``fp8_attention_reference``: the same e4m3 roundings, any device, any head dim, slower than
 SDPA): for measuring what FP8 numerics do to training quality where the kernel cannot run,
-e.g. the digits demo on CPU (head dim 32). Processors of other types are left in place and reported.
+e.g. the digits demo on CPU (head dim 32). Modes "int8_no_grad" and "int8_emulated_no_grad" do the
+same with the INT8-QK kernel (``fp8_attention(path="int8")``, head dims 64/128, SDPA otherwise) and its
+twin (``int8_attention_reference``). ("fp8_no_grad" already takes the INT8-QK kernel on A100-class GPUs,
+through path="auto".) Processors of other types are left in place and reported.
 ``unpatch_attention(model)`` restores the original processor objects.
 
 Plain Python processors, so torch.compile traces through them (``fp8_attention`` is one
@@ -27,11 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_attention import SUPPORTED_HEAD_DIMS, fp8_attention
+from .int8_attention import SUPPORTED_INT8_HEAD_DIMS
+from .int8_reference import int8_attention_reference
 from .reference import fp8_attention_reference
 
 log = logging.getLogger("cdm_kernels")
 
-MODES = ("fp8_no_grad", "fp8_emulated_no_grad", "bf16")
+MODES = ("fp8_no_grad", "fp8_emulated_no_grad", "int8_no_grad", "int8_emulated_no_grad", "bf16")
 _ORIGINALS_ATTR = "_cdm_attn_original_processors"
 
 
@@ -63,11 +68,17 @@ class _FP8ProcessorBase:
             return False
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return False
-        return self.mode == "fp8_emulated_no_grad" or q.shape[-1] in SUPPORTED_HEAD_DIMS
+        if self.mode == "int8_no_grad":
+            return q.shape[-1] in SUPPORTED_INT8_HEAD_DIMS
+        return self.mode in ("fp8_emulated_no_grad", "int8_emulated_no_grad") or q.shape[-1] in SUPPORTED_HEAD_DIMS
 
     def _fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "fp8_emulated_no_grad":
             return fp8_attention_reference(q, k, v).to(q.dtype)
+        if self.mode == "int8_emulated_no_grad":
+            return int8_attention_reference(q, k, v).to(q.dtype)
+        if self.mode == "int8_no_grad":
+            return fp8_attention(q, k, v, path="int8")
         return fp8_attention(q, k, v)
 
     def __repr__(self) -> str:
@@ -261,7 +272,8 @@ def patch_attention(model: torch.nn.Module, mode: str = "fp8_no_grad") -> dict[s
 
     mode "fp8_no_grad": FP8 attention whenever no gradient flows through the attention, SDPA
     otherwise; "fp8_emulated_no_grad": the same with the kernel's PyTorch twin (any device and head
-    dim; for quality studies); "bf16": always the stock SDPA call (bit-identical to diffusers). Patching an
+    dim; for quality studies); "int8_no_grad" / "int8_emulated_no_grad": the same with the INT8-QK
+    kernel / its twin; "bf16": always the stock SDPA call (bit-identical to diffusers). Patching an
     already patched model only changes the mode. Works on any nn.Module containing diffusers
     attention modules (a bare transformer or a wrapper around one).
 
