@@ -111,8 +111,8 @@ else
   # The two-stream replay test hung on the H200 (2026-12-04, inside CUDA: no Python timeout fires): the rest
   # first, then that one alone, dumping every thread's stack after 15 s (faulthandler) for the diagnosis.
   TWO_STREAMS=tests/test_graphs.py::test_gpu_concurrent_replay_on_two_streams_equals_sequential
-  step pytest_gpu 150 "$PY" -m pytest -v -m gpu -p no:cacheprovider -rs --durations 10 tests/ --deselect "$TWO_STREAMS"
   step pytest_gpu_two_streams 30 "$PY" -m pytest -v -p no:cacheprovider -o faulthandler_timeout=15 "$TWO_STREAMS"
+  step pytest_gpu 150 "$PY" -m pytest -v -m gpu -p no:cacheprovider -rs --durations 10 tests/ --deselect "$TWO_STREAMS"
 fi
 if [ "$DRY" = 0 ]; then
   step bench_ops_compile 150 "$PY" benchmarks/bench_ops.py --device cuda --quick \
