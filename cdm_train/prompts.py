@@ -17,6 +17,7 @@ reads rows through `safetensors.safe_open` (memory-mapped: only the rows drawn a
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,9 @@ class PromptEmbeds:
         return dict(self._null)
 
 
-def _permutation(num: int, seed: int) -> list[int]:
-    return torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()
+@functools.lru_cache(maxsize=4)  # consecutive steps walk the same permutation: draw it once, not every step
+def _permutation(num: int, seed: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist())
 
 
 def official_prompt_rows(num: int, seed: int, step: int, rank: int, world: int, batch: int) -> list[int]:

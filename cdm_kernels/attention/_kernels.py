@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_attention import _output_like
+from .fp8_attention import _output_like, config_override
 from .reference import LOG2E
 
 # triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported.
@@ -198,10 +198,9 @@ def kernel_config(head_dim: int) -> dict:
     Not autotuned (autotuning inside CUDA-graph capture or the interpreter misbehaves): override
     with CDM_FP8_ATTN_CONFIG="BLOCK_M,BLOCK_N,num_warps,num_stages" to tune on a new GPU.
     """
-    env = os.environ.get("CDM_FP8_ATTN_CONFIG")
-    if env:
-        bm, bn, warps, stages = (int(t) for t in env.split(","))
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    override = config_override("CDM_FP8_ATTN_CONFIG")
+    if override is not None:
+        return override
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}

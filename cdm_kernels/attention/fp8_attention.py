@@ -49,6 +49,17 @@ def _output_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     return torch.empty((b, s, h, d), dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
 
 
+def config_override(env_var: str) -> dict | None:
+    """A launch config from `env_var` = "BLOCK_M,BLOCK_N,num_warps,num_stages" (to tune on a new GPU), or None."""
+    import os
+
+    env = os.environ.get(env_var)
+    if not env:
+        return None
+    bm, bn, warps, stages = (int(t) for t in env.split(","))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
 def kernel_config(head_dim: int) -> dict:
     """Block sizes and launch parameters of the Triton path (see ``_kernels.kernel_config``)."""
     from ._kernels import kernel_config as _cfg
