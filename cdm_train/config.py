@@ -140,7 +140,7 @@ class TrainConfig:
     prompt_order: str = "epoch"
     # The rollout trajectory's dtype. float32 (default): x_k, v_k and x0_k are kept in fp32 between steps.
     # bfloat16: the official precision (the pipeline holds latents in the bf16 embeddings' dtype and casts all_x0 to
-    # it; the training steps upcast them to the model's fp32 again). Measured on digits: docs/demo.md.
+    # it; the training steps upcast them to the model's fp32 again). Measured on digits: benchmarks/RESULTS_quality.md.
     rollout_dtype: str = "float32"
 
 

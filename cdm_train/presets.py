@@ -263,10 +263,6 @@ class _WithGuidance:
         return self._add(self.sampler.take(rows))
 
 
-def _with_guidance(sampler, value: float) -> _WithGuidance:
-    return _WithGuidance(sampler, value)
-
-
 def _build_flux(cfg: Config, device: torch.device):
     from diffusers import FluxTransformer2DModel
 
@@ -308,7 +304,7 @@ def _build_flux(cfg: Config, device: torch.device):
         side = FLUX_TINY_SIDE if tiny else cfg.model.resolution // 8
         channels = FLUX_LATENT_CHANNELS
     adapter = FluxAdapter(null, guidance_embeds=teacher.config.guidance_embeds)
-    return teacher.to(device), adapter, _with_guidance(bank_sampler, cfg.model.flux_guidance), (channels, side, side)
+    return teacher.to(device), adapter, _WithGuidance(bank_sampler, cfg.model.flux_guidance), (channels, side, side)
 
 
 @contextlib.contextmanager
