@@ -42,3 +42,40 @@ def one_iteration(cfg, step: int = 0):
         sl.total.backward()
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in m.student.parameters()]
     return {"rollout": ro, "fake": fake.detach(), "losses": sl, "student_grads": grads, "fake_grads": fake_grads}
+
+
+def save_tiny_sd3_text_pipeline(root):
+    """Save the tiny SD3 pipeline with tiny text encoders sized for the tiny transformer (CLIP 4+4 wide: pooled
+    8, padded to the T5's 16 = joint_attention_dim) under `root`, so prompts can be encoded, trained on and
+    sampled. Returns `root`."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from cdm_train.presets import TINY_ARCH
+
+    from .test_prompts import WORDS, _tokenizer
+
+    torch.manual_seed(0)
+    vocab = len(WORDS) + 3
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab, hidden_size=4, intermediate_size=8,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          max_position_embeddings=77, projection_dim=4,
+                                                          pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, scaling_factor=1.5, shift_factor=0.1)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
+    pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**TINY_ARCH),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clip(), tokenizer=_tokenizer(77), text_encoder_2=clip(),
+                                    tokenizer_2=_tokenizer(77), text_encoder_3=t5, tokenizer_3=_tokenizer(32))
+    pipe.save_pretrained(root)
+    return root

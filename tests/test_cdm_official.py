@@ -1,4 +1,5 @@
-"""The drop-in for the official CDM training code (songh11/CDM, cdm/training/losses.py @ dd5087a).
+"""The drop-in for the official CDM training code (byliutao/cdm cdm/training/losses.py, checked at HEAD bacc57f;
+last changed in dd5087a, byte-identical in the fork songh11/CDM).
 
 The tests build a stand-in ``cdm.training.losses`` whose functions have the official
 signatures and compute loss and ``info`` as the official code documents them, written here

@@ -202,41 +202,10 @@ def test_sample_decodes_pngs_from_an_sd3_checkpoint(sd3_pipeline_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd3_text_pipeline_dir(tmp_path_factory):
-    """The tiny SD3 pipeline with tiny text encoders sized for the tiny transformer (CLIP 4+4 wide: pooled 8,
-    padded to the T5's 16 = joint_attention_dim), so prompts can be encoded, trained on and sampled."""
     pytest.importorskip("transformers")
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from .helpers import save_tiny_sd3_text_pipeline
 
-    from cdm_train.presets import TINY_ARCH
-
-    from .test_prompts import WORDS, _tokenizer
-
-    torch.manual_seed(0)
-    vocab = len(WORDS) + 3
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab, hidden_size=4, intermediate_size=8,
-                                                          num_hidden_layers=1, num_attention_heads=2,
-                                                          max_position_embeddings=77, projection_dim=4,
-                                                          pad_token_id=0, bos_token_id=1, eos_token_id=2))
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
-                        norm_num_groups=4, layers_per_block=1, scaling_factor=1.5, shift_factor=0.1)
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
-    pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel(**TINY_ARCH),
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                                    text_encoder=clip(), tokenizer=_tokenizer(77), text_encoder_2=clip(),
-                                    tokenizer_2=_tokenizer(77), text_encoder_3=t5, tokenizer_3=_tokenizer(32))
-    root = tmp_path_factory.mktemp("sd3-text")
-    pipe.save_pretrained(root)
-    return root
+    return save_tiny_sd3_text_pipeline(tmp_path_factory.mktemp("sd3-text"))
 
 
 def test_prompts_encode_train_export_and_sample_the_same_images(sd3_text_pipeline_dir, tmp_path):

@@ -139,6 +139,70 @@ class AcceleratedScheduler:
                 self.scheduler.step()
 
 
+# model_utils.py LORA_TARGET_MODULES / SD3 get_lora_target_modules(include_ff=True)
+OFFICIAL_SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                             "attn.to_out.0", "attn.to_q", "attn.to_v", "ff.net.0.proj", "ff.net.2",
+                             "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+class OfficialLoraModels:
+    """model_utils.py initialize_models(FT_LORA_STUDENT_LORA) and ModelManager: ONE PeftModel with the adapters
+    "default" (student) and "fake_teacher"; the real teacher is the base under disable_adapter(). peft's own
+    set_adapter / disable_adapter run, so their requires_grad flips happen exactly as in the official loop."""
+
+    def __init__(self, base, rank, alpha):
+        from peft import LoraConfig, get_peft_model
+
+        def config():
+            return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                              target_modules=OFFICIAL_SD3_LORA_TARGETS)
+
+        self.peft = get_peft_model(base, config())
+        self.peft.add_adapter("fake_teacher", config())
+        self.peft.set_adapter("default")
+        self.student_params = [p for p in self.peft.parameters() if p.requires_grad]
+        self.peft.set_adapter("fake_teacher")
+        self.fake_params = [p for p in self.peft.parameters() if p.requires_grad]
+        self.peft.set_adapter("default")
+
+    def _activate_student(self):
+        self.peft.set_adapter("default")
+
+    def student_forward(self, **kw):
+        self._activate_student()
+        return self.peft(**kw)
+
+    def teacher_forward(self, **kw):
+        with torch.no_grad():
+            with self.peft.disable_adapter():
+                out = self.peft(**kw)
+            self._activate_student()
+            return out
+
+    def fake_teacher_forward(self, **kw):  # requires_grad: the fake-teacher step; else a DM/CDM query
+        self.peft.set_adapter("fake_teacher")
+        if torch.is_grad_enabled():
+            return self.peft(**kw)
+        out = self.peft(**kw)
+        self._activate_student()
+        return out
+
+
+class OfficialLoraNet:
+    """What the transcription calls `student`, `fake` or `teacher` in the LoRA mode: the manager's forward for
+    that role, and that role's trainable parameters (the lists the official optimizers, clipping, the merge
+    and the EMA use)."""
+
+    def __init__(self, models: OfficialLoraModels, role: str):
+        self.models, self.role = models, role
+
+    def __call__(self, **kw):
+        return getattr(self.models, f"{self.role}_forward")(**kw)
+
+    def parameters(self):
+        return iter({"student": self.models.student_params, "fake_teacher": self.models.fake_params}[self.role])
+
+
 class Official:
     """The official training state and iteration (sd3 preset: share_latent_indices, x0_source x0_next, CA
     uniform_capped, DM uniform, CDM trajectory_eps + fresh_independent + student_pred).
@@ -147,8 +211,9 @@ class Official:
     `lora_lora`: the FT_LORA_STUDENT_LORA mode, whose fake-teacher scheduler is not prepared (a bare LambdaLR)."""
 
     def __init__(self, student, fake, teacher, null_embeds, *, student_lr, fake_lr, student_warmup, fake_warmup,
-                 update_ratio, num_processes=1, lora_lora=False):
+                 update_ratio, num_processes=1, lora_lora=False, merge_decay=MERGE_DECAY):
         self.student, self.fake, self.teacher = student, fake, teacher
+        self.merge_decay = merge_decay
         self.null = null_embeds
         kw = dict(betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
         self.opt = torch.optim.AdamW(student.parameters(), lr=student_lr, **kw)
@@ -188,7 +253,7 @@ class Official:
         self.ft_opt.zero_grad()
         with torch.no_grad():  # ema_merge_ft_with_student
             for fp, sp in zip(self.fake.parameters(), self.student.parameters()):
-                fp.data.mul_(MERGE_DECAY).add_(sp.data, alpha=1.0 - MERGE_DECAY)
+                fp.data.mul_(self.merge_decay).add_(sp.data, alpha=1.0 - self.merge_decay)
         self.ft_step += 1
         out["loss_fake"] = ft_loss.detach()
 
@@ -263,8 +328,12 @@ RECIPE = ["schedule.shift=3.0", "schedule.max_steps=6", "optim.ema_decay=0.999",
           "optim.grad_clip=1.0", "loss.guidance_scale=7.0", "train.batch_size=5", *LRS]
 
 
-def _ours_and_official(tmp_path, *overrides, reference=True, num_processes=1):
-    cfg = tiny_config(tmp_path, *RECIPE, *overrides)
+def _ours_and_official(tmp_path, *overrides, reference=True, num_processes=1, cfg=None, official_null=None):
+    """Our trainer and the transcription from the same starting weights, ITERATIONS iterations each.
+
+    `cfg`: a prepared config (else the tiny preset with RECIPE + overrides); `official_null`: the transcription's
+    own unconditional embeddings (official: the encoded empty prompt), else our adapter's null condition."""
+    cfg = cfg if cfg is not None else tiny_config(tmp_path, *RECIPE, *overrides)
     if reference:
         from cdm_train.config import reference_mode
 
@@ -279,10 +348,16 @@ def _ours_and_official(tmp_path, *overrides, reference=True, num_processes=1):
         tr.ema.module.load_state_dict(m.student.state_dict())
     tr.initial = {name: [p.detach().clone() for p in net.parameters()] for name, net in
                   (("student", m.student), ("fake", m.fake))}
+    lora_lora = cfg.lora.student and cfg.lora.fake
+    if lora_lora:
+        student, fake, teacher = _official_lora_networks(cfg, m)
+    else:
+        student, fake, teacher = copy.deepcopy(m.student), copy.deepcopy(m.fake), copy.deepcopy(m.teacher)
     o = cfg.optim
-    off = Official(copy.deepcopy(m.student), copy.deepcopy(m.fake), copy.deepcopy(m.teacher), m.adapter.null_cond,
+    off = Official(student, fake, teacher, official_null if official_null is not None else m.adapter.null_cond,
                    student_lr=o.student_lr, fake_lr=o.fake_lr, student_warmup=o.student_warmup_steps,
-                   fake_warmup=o.fake_warmup_steps, update_ratio=o.update_ratio, num_processes=num_processes)
+                   fake_warmup=o.fake_warmup_steps, update_ratio=o.update_ratio, num_processes=num_processes,
+                   lora_lora=lora_lora, merge_decay=o.fake_merge_decay)
     grads: dict[str, list] = {"student": [], "fake": []}
     tr.lrs = {"student": [], "fake": []}
     original = tr._optimizer_step
@@ -301,6 +376,25 @@ def _ours_and_official(tmp_path, *overrides, reference=True, num_processes=1):
         ours.append(tr.train_step())
         tr.step += 1
     return tr, off, ours, theirs, grads
+
+
+def _official_lora_networks(cfg, m):
+    """The official LoRA+LoRA models built from our starting point: the same frozen base weights, and our two
+    adapters' (perturbed) weights copied into "default" and "fake_teacher"."""
+    ours = m.teacher.peft_model
+    base = copy.deepcopy(ours).unload()  # the bare frozen transformer, LoRA layers removed
+    official = OfficialLoraModels(base, cfg.lora.rank, cfg.lora.alpha)
+    theirs = dict(ours.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, p in official.peft.named_parameters():
+            for official_name, our_name in ((".default.", ".student."), (".fake_teacher.", ".fake.")):
+                if official_name in name:
+                    p.copy_(theirs[name.replace(official_name, our_name)])
+                    copied += 1
+    assert copied == len(official.student_params) + len(official.fake_params) == len(list(m.student.parameters())) * 2
+    return (OfficialLoraNet(official, "student"), OfficialLoraNet(official, "fake_teacher"),
+            OfficialLoraNet(official, "teacher"))
 
 
 def _moved(net, initial):
@@ -408,3 +502,110 @@ def test_warmup_processes_default_is_the_world_size_and_lora_fake_counts_once(tm
     tr.cfg.lora.student = tr.cfg.lora.fake = True  # FT_LORA_STUDENT_LORA: the fake scheduler is not prepared
     assert tr.warmup_processes("student") == 8 and tr.warmup_processes("fake") == 1
     assert tr.lr_factor("fake", 12) == pytest.approx(0.12)
+
+
+LORA_LORA = ["lora.student=true", "lora.fake=true", "lora.rank=2", "lora.alpha=4"]
+
+
+def test_lora_lora_mode_is_the_official_iteration(tmp_path):
+    """FT_LORA_STUDENT_LORA: one base, adapters toggled per call (peft's own set_adapter / disable_adapter in the
+    transcription), the fake<-student merge between the two adapters (decay 0.9 so that it shows), and the
+    asymmetric warm-ups of a 4-process launch: the student's scheduler is prepared (stepped 4x), the fake
+    teacher's is not (stepped once)."""
+    tr, off, ours, theirs, grads = _ours_and_official(
+        tmp_path, *LORA_LORA, "optim.update_ratio=1", "optim.fake_merge_decay=0.9", "optim.warmup_processes=4",
+        "optim.student_warmup_steps=10", "optim.fake_warmup_steps=10", num_processes=4)
+    o = tr.cfg.optim
+    assert tr.lrs["student"] == pytest.approx(off.lrs["student"], rel=1e-12, abs=0)
+    assert tr.lrs["fake"] == pytest.approx(off.lrs["fake"], rel=1e-12, abs=0)
+    assert tr.lrs["student"] == pytest.approx([o.student_lr * min(1.0, 4 * k / 10) for k in range(ITERATIONS)])
+    assert tr.lrs["fake"] == pytest.approx([o.fake_lr * k / 10 for k in range(ITERATIONS)])
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        for key in ("loss_fake", "loss_ca", "loss_dm", "loss_cdm"):
+            assert float(b[key]) > 0, key
+            _close(a[key], b[key], 2e-5, 1e-7, f"iteration {k} {key}")
+        for ga, gb in zip(grads["fake"][k], b["fake_grads"]):
+            _close(ga, gb, 1e-4, 1e-6, f"iteration {k} fake-adapter gradient")
+        for ga, gb in zip(grads["student"][k], b["student_grads"]):
+            _close(ga, gb, 1e-4, 1e-6, f"iteration {k} student-adapter gradient")
+    m = tr.models
+    assert _moved(m.student, tr.initial["student"]) > 1e-4 and _moved(m.fake, tr.initial["fake"]) > 1e-4
+    for name, mine, official in (("student adapter", m.student.parameters(), off.student.parameters()),
+                                 ("fake adapter", m.fake.parameters(), off.fake.parameters()),
+                                 ("EMA", tr.ema.module.parameters(), off.ema)):
+        for p, q in zip(mine, official):
+            _close(p.detach(), q.detach(), 1e-5, 2e-6, f"{name} after {ITERATIONS} iterations")
+    # The frozen base did not move (only adapters train) in either.
+    base = {n: p for n, p in m.teacher.peft_model.named_parameters() if "lora_" not in n}
+    for n, p in off.student.models.peft.named_parameters():
+        if "lora_" not in n:
+            torch.testing.assert_close(p.detach(), base[n].detach(), rtol=0, atol=0)
+
+
+def test_the_lora_transcription_notices_a_wrong_adapter(tmp_path, monkeypatch):
+    """The LoRA comparison has teeth: a real-teacher call that leaves the student adapter on breaks it."""
+    import cdm_train.lora as lora_mod
+
+    real = lora_mod.activate
+
+    def teacher_keeps_the_student_adapter(peft_model, adapter):
+        return real(peft_model, lora_mod.STUDENT if adapter is None else adapter)
+
+    monkeypatch.setattr(lora_mod, "activate", teacher_keeps_the_student_adapter)
+    tr, off, ours, theirs, grads = _ours_and_official(tmp_path, *LORA_LORA, "optim.update_ratio=1")
+    assert abs(float(ours[1]["loss_ca"]) - float(theirs[1]["loss_ca"])) > 1e-4 * float(theirs[1]["loss_ca"])
+
+
+@pytest.fixture(scope="module")
+def sd3_text_pipeline_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from .helpers import save_tiny_sd3_text_pipeline
+
+    return save_tiny_sd3_text_pipeline(tmp_path_factory.mktemp("sd3-text"))
+
+
+def official_null_embeds(model_dir, max_sequence_length):
+    """train.py: neg_prompt_embed = model_adapter.compute_text_embeddings([""], ...): SD3's pipeline.encode_prompt
+    with the empty prompt for all three encoders (cdm/models/model_adapters.py SD3 adapter)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(model_dir))  # float32, as saved
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=[""], prompt_3=[""], device="cpu",
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def test_encoded_empty_prompt_is_the_unconditional_input(tmp_path, sd3_text_pipeline_dir):
+    """Prompts from `encode-prompts` (the sd3-medium preset on a tiny pipeline with text encoders): our CFG null
+    condition is the encoded empty prompt, equal to the official run's own encoding of "", and not zeros."""
+    from cdm_train.cli import main
+    from cdm_train.config import make_config
+
+    texts = ["a cat on the moon", "a red car", "photo of a blue dog", "the moon", "a blue car", "a dog"]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n")
+    emb = tmp_path / "emb"
+    assert main(["encode-prompts", "--model", str(sd3_text_pipeline_dir), "--prompts", str(tmp_path / "p.txt"),
+                 "--out", str(emb), "--device", "cpu", "--dtype", "float32", "--max-sequence-length", "8"]) == 0
+    null = official_null_embeds(sd3_text_pipeline_dir, 8)
+    assert all(float(v.abs().mean()) > 1e-2 for v in null.values())  # the empty prompt encodes to non-zeros
+
+    def config(out):
+        return make_config("sd3-medium", overrides=[
+            f"train.out_dir={out}", "train.progress=false", "train.tensorboard=false", "train.log_every=1",
+            f"model.path={sd3_text_pipeline_dir}", f"model.prompt_embeds={emb}", "model.resolution=64",
+            *RECIPE, "optim.update_ratio=1"])
+
+    tr, off, ours, theirs, grads = _ours_and_official(tmp_path, cfg=config(tmp_path / "run"), official_null=null)
+    for key, value in null.items():
+        _close(tr.models.adapter.null_cond[key].float(), value, 1e-6, 1e-7, f"null condition {key}")
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        for key in ("loss_fake", "loss_ca", "loss_dm", "loss_cdm"):
+            _close(a[key], b[key], 2e-5, 1e-7, f"iteration {k} {key}")
+    for p, q in zip(tr.models.student.parameters(), off.student.parameters()):
+        _close(p.detach(), q.detach(), 1e-5, 2e-6, "student weights")
+    # Teeth: an official run fed zeros as its unconditional input is another run.
+    zeros = {k: torch.zeros_like(v) for k, v in null.items()}
+    _, _, ours0, theirs0, _ = _ours_and_official(tmp_path, cfg=config(tmp_path / "run0"), official_null=zeros)
+    assert abs(float(ours0[0]["loss_ca"]) - float(theirs0[0]["loss_ca"])) > 1e-3 * float(theirs0[0]["loss_ca"])

@@ -1,8 +1,11 @@
 """Drop-in fused losses for training code written against the official CDM implementation.
 
-The signatures follow ``cdm/training/losses.py`` of github.com/songh11/CDM at commit
-``dd5087a`` (positional parameter names, order and defaults are identical; everything this
-module adds is keyword-only and comes after them)::
+The signatures follow ``cdm/training/losses.py`` of the official code, github.com/byliutao/cdm
+(checked at HEAD ``bacc57f``; the file was last changed there in ``dd5087a``, git blob ``2c61909e``, which
+the fork github.com/songh11/CDM carries byte for byte). Positional parameter names and order are identical,
+and so is every default the official code declares (``compute_fake_teacher_diffusion_loss`` adds
+``noise=None`` / ``t_expanded=None``, which the official code has no default for); everything this
+module adds is keyword-only and comes after them::
 
     compute_dm_loss(student_prediction, real_teacher_prediction, fake_teacher_prediction, xt,
                     xt_teacher, student_sigma_expanded, teacher_sigma_expanded,
