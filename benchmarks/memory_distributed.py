@@ -24,7 +24,7 @@ GiB = 1024**3
 def sd3_medium_counts(resolution: int = 1024, layers: int | None = None) -> dict[str, int]:
     from diffusers import SD3Transformer2DModel
 
-    from cdm_train.presets import SD3_MEDIUM_ARCH, SD3_TEXT_TOKENS
+    from cdm_train.models.sd3 import SD3_MEDIUM_ARCH, SD3_TEXT_TOKENS
 
     arch = dict(SD3_MEDIUM_ARCH, sample_size=resolution // 8)
     if layers is not None:  # sd3-medium-shape's model.layers
@@ -43,7 +43,7 @@ def flux_dev_counts(resolution: int = 1024) -> dict[str, int]:
     """Flux-dev (`FLUX_DEV_ARCH`): 19 double-stream + 38 single-stream blocks; 2x2-packed image tokens + 512 T5."""
     from diffusers import FluxTransformer2DModel
 
-    from cdm_train.presets import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS
+    from cdm_train.models.flux import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_DEV_ARCH)

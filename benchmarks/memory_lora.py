@@ -35,8 +35,8 @@ GRAD_FORWARDS = 2
 def counts(model_name: str, resolution: int, rank: int) -> dict[str, int]:
     from peft import LoraConfig, get_peft_model
 
-    from cdm_train.lora import SD3_FF_TARGETS, SD3_TARGETS
-    from cdm_train.presets import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS, SD3_MEDIUM_ARCH, SD3_TEXT_TOKENS
+    from cdm_train.models.flux import FLUX_DEV_ARCH, FLUX_TEXT_TOKENS
+    from cdm_train.models.sd3 import SD3_FF_TARGETS, SD3_MEDIUM_ARCH, SD3_TARGETS, SD3_TEXT_TOKENS
 
     with torch.device("meta"):
         if model_name == "SD3-Medium":

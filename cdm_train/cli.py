@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .checkpoint import RUN_CONFIG_NAME
 from .config import ConfigError, make_config, reference_mode, to_yaml
-from .presets import PRESETS
+from .models import PRESETS
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -198,7 +198,7 @@ def cmd_sample(args) -> int:
 
     from .config import config_from_dict
     from .images import save_grid
-    from .presets import build_teacher, resolve_device, resolve_shift
+    from .models.build import build_teacher, resolve_device, resolve_shift
     from .sampling import sample_euler, uniform_sigmas
 
     if (args.steps is not None and args.steps < 1) or args.num < 1:
@@ -215,7 +215,7 @@ def cmd_sample(args) -> int:
         paths = sample_pipeline(args.pipeline, args.out, prompts=prompts, seed=args.seed, device=device)
         print(f"wrote {len(paths)} images to {Path(args.out)}")
         return 0
-    from .export import load_run
+    from .runs import load_run
 
     state = load_run(args.checkpoint)
     cfg = config_from_dict(state["config"])
@@ -298,7 +298,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_encode_prompts(args) -> int:
-    from .prompts import encode_prompts
+    from .encode import encode_prompts
 
     out = encode_prompts(args.model, args.prompts, args.out, batch_size=args.batch_size, shard_rows=args.shard_rows,
                          device=args.device, dtype=args.dtype, max_sequence_length=args.max_sequence_length)

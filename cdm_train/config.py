@@ -1,6 +1,6 @@
 """Training configuration: dataclasses with the official SD3 recipe as defaults (batch size and length aside).
 
-A config is built from (1) the defaults below, (2) a preset (`presets.py`), (3) an
+A config is built from (1) the defaults below, (2) a preset (its family's file in `models/`), (3) an
 optional YAML file and (4) `--set section.key=value` overrides, in that order. Unknown
 keys and bad values raise ConfigError naming the key; the CLI turns it into exit code 2.
 
@@ -20,16 +20,19 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .lora import validate_lora
+from .models import PRESETS
 
-class ConfigError(ValueError):
-    """A bad config file, key or value. The message names the key."""
+__all__ = ["Config", "ConfigError", "make_config", "config_from_dict", "reference_mode", "to_yaml"]
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | digits | sd3-medium | sd3-medium-shape | flux | flux-shape | flux-tiny
-    path: str | None = None  # sd3-medium / flux: local diffusers directory (holding transformer/)
-    prompt_embeds: str | None = None  # sd3-medium / flux: precomputed text embeddings (file or encode-prompts dir)
+    preset: str = "tiny"  # tiny | digits | sd3-medium(-shape) | flux(-shape, -tiny) | longcat(-shape, -tiny)
+    path: str | None = None  # sd3-medium / flux / longcat: local diffusers directory (holding transformer/)
+    # sd3-medium / flux / longcat: precomputed text embeddings (a file, or an encode-prompts directory)
+    prompt_embeds: str | None = None
     teacher_path: str | None = None  # digits: teacher checkpoint (None: the one shipped in the package)
     layers: int | None = None  # sd3-medium-shape: depth (None: 24); flux-shape: L double + 2L single (None: 19+38)
     resolution: int = 1024  # sd3-medium*/flux/flux-shape: image side in pixels (latent = resolution / 8)
@@ -50,8 +53,8 @@ class ScheduleConfig:
     fixed: list[float] | None = None  # a fixed schedule instead (e.g. [1.0, 0.75, 0.5, 0.25]); 0 is appended
     # The model scheduler's shift, applied (as diffusers does) to the rollout schedule and at sampling, not to the
     # directly drawn training sigmas (cdm_train/schedule.py). None: the model's own (sd3-medium: its
-    # scheduler_config.json, else 3.0; sd3-medium-shape 3.0; flux presets: dynamic, mu from the image token count
-    # and the directory's scheduler config, docs/flux.md); the tiny and digits presets set 1.0.
+    # scheduler_config.json, else 3.0; sd3-medium-shape 3.0; flux and longcat presets: dynamic, mu from the image
+    # token count and the directory's scheduler config, docs/flux.md); the tiny and digits presets set 1.0.
     shift: float | None = None
     sigma_clamp_min: float = 0.02  # every sampled training sigma is clamped to [min, max]
     sigma_clamp_max: float = 0.98
@@ -278,8 +281,6 @@ def make_config(preset: str | None = None, config_file: str | Path | None = None
     ``default_preset``, else the dataclass default. So a config never carries the values of
     one preset under the name of another, however the layers are combined.
     """
-    from .presets import PRESETS
-
     file_data = load_yaml(config_file) if config_file is not None else {}
     items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     chosen = preset
@@ -316,8 +317,6 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from .presets import PRESETS
-
     m, s, lo, o, sp, t = cfg.model, cfg.schedule, cfg.loss, cfg.optim, cfg.speed, cfg.train
     _require(m.preset in PRESETS, "model.preset", f"unknown preset {m.preset!r} (presets: {', '.join(PRESETS)})")
     _require(m.teacher_dtype in ("auto", "float32", "bfloat16"), "model.teacher_dtype",
@@ -376,8 +375,6 @@ def validate(cfg: Config) -> None:
             _require(not getattr(cfg.speed, key), f"speed.{key}", "is not supported with train.parallel=fsdp "
                      "(FSDP re-allocates the unsharded weights every forward); use ddp or switch it off")
 
-
-    from .lora import validate_lora
 
     validate_lora(cfg)
 

@@ -44,7 +44,7 @@ from .config import Config, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ema import EMA
-    from .presets import Models
+    from .models.build import Models
 
 log = logging.getLogger("cdm_train")
 

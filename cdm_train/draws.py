@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Cond
+from .cond import Cond
 from .config import Config
 from .prompts import official_prompt_rows
 from .rng import NOISE_CA, NOISE_CDM, NOISE_DM, NOISE_FAKE, StepRandom, step_random

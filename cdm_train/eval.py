@@ -214,8 +214,8 @@ def generate(model: nn.Module, steps: int, guidance_scale: float | None, per_cla
     """
     from tqdm.auto import tqdm
 
-    from .adapters import ClassLabelAdapter
     from .digits.data import LATENT_SHAPE, NULL_CLASS
+    from .models.class_label import ClassLabelAdapter
     from .sampling import sample_euler
 
     adapter = adapter or ClassLabelAdapter(NULL_CLASS)

@@ -23,85 +23,38 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import ConfigError, config_from_dict
+from .config import config_from_dict
+from .errors import ConfigError
+from .lora import adapter_state_dict, attach, target_modules
+from .models import family_of
+from .models.build import build_teacher, resolve_shift
+from .runs import (  # noqa: F401 (load_run / load_student / META_NAME are also imported from here)
+    META_NAME,
+    OFFICIAL_INFERENCE_SIGMAS,
+    load_run,
+    load_student,
+    prompt_max_sequence_length,
+    student_transformer,
+    trained_sigmas,
+)
 
 FORMATS = ("pipeline", "transformer", "lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OFFICIAL_INFERENCE_SIGMAS = [1.0, 0.75, 0.5, 0.25]
-META_NAME = "cdm_export.json"
-
-
-def load_run(run: str | Path) -> dict[str, Any]:
-    """The checkpoint of a run directory or file: checkpoint.pt, or an FSDP2 DCP directory (converted)."""
-    from .distributed import DCP_DIR, DCP_META
-
-    path = Path(run)
-    if path.is_file():
-        return ckpt.load(path)
-    if (path / ckpt.CHECKPOINT_NAME).is_file():
-        return ckpt.load(path)
-    dcp_dir = path if (path / DCP_META).is_file() else path / DCP_DIR
-    if (dcp_dir / DCP_META).is_file():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            flat = Path(tmp) / "full.pt"
-            dcp_to_torch_save(str(dcp_dir), str(flat))
-            state = torch.load(flat, map_location="cpu", weights_only=False)
-        state.update(ckpt.load(dcp_dir / DCP_META))
-        return state
-    raise ConfigError(f"--checkpoint: no {ckpt.CHECKPOINT_NAME} or {DCP_DIR}/ in {str(path)!r}")
-
-
-def trained_sigmas(cfg) -> list[float]:
-    """The few-step schedule the student is meant to be sampled with (before the scheduler's shift)."""
-    if cfg.schedule.fixed is not None:
-        return [float(s) for s in cfg.schedule.fixed]
-    return list(OFFICIAL_INFERENCE_SIGMAS)
-
-
-def load_student(state: dict[str, Any], cfg, *, ema: bool, device=None):
-    """(transformer with the student's (EMA) weights, LoRA merged; adapter; cond sampler; latent shape).
-
-    Builds one copy of the model only (the teacher's architecture, the student's weights), not the
-    trainer's three.
-    """
-    from .presets import build_teacher
-
-    device = device or torch.device("cpu")
-    model, adapter, sample_cond, latent = build_teacher(cfg, device)
-    model = model.float()
-    weights = state["ema"] if ema else state["student"]
-    if cfg.lora.student:
-        from .lora import FAKE, STUDENT, attach
-
-        student, _, _ = attach(cfg, model.eval().requires_grad_(False), None)
-        student.load_state_dict(weights)
-        peft_model = student.peft_model
-        peft_model.delete_adapter(FAKE)
-        peft_model.set_adapter(STUDENT)
-        model = peft_model.merge_and_unload()
-    else:
-        model.load_state_dict(weights)
-    return model.eval(), adapter, sample_cond, tuple(latent)
-
-
-def student_transformer(state: dict[str, Any], cfg, *, ema: bool) -> torch.nn.Module:
-    """A plain diffusers transformer holding the student's (EMA) weights, LoRA merged."""
-    return load_student(state, cfg, ema=ema)[0]
 
 
 def pipeline_class(cfg):
+    """The diffusers pipeline class of the run's model family."""
     import diffusers
 
-    return diffusers.FluxPipeline if cfg.model.preset.startswith("flux") else diffusers.StableDiffusion3Pipeline
+    name = family_of(cfg.model.preset).pipeline_class_name
+    if name is None:
+        raise ConfigError(f"--checkpoint: preset {cfg.model.preset!r} has no diffusers pipeline to export to")
+    return getattr(diffusers, name)
 
 
 def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool = True, dtype: str = "bf16",
@@ -112,8 +65,9 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
         raise ConfigError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     state = load_run(run)
     cfg = config_from_dict(state["config"])
-    if cfg.model.preset == "digits":
-        raise ConfigError("--checkpoint: a digits run has no diffusers pipeline to export; use `cdm-train sample`")
+    if family_of(cfg.model.preset).pipeline_class_name is None:
+        raise ConfigError(f"--checkpoint: a {cfg.model.preset} run has no diffusers pipeline to export; use "
+                          f"`cdm-train sample`")
     out = Path(out)
     if fmt == "pipeline" and not cfg.model.path:
         raise ConfigError(f"--format pipeline: the run's model.path is unset (preset {cfg.model.preset!r}), so "
@@ -123,16 +77,12 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
                           f"trained rank, lora.rank={cfg.lora.rank})")
     if lora_rank is not None and lora_rank < 1:
         raise ConfigError("--lora-rank: must be >= 1")
-    from .presets import resolve_shift
-    from .sample_images import prompt_max_sequence_length
-
     shift = resolve_shift(cfg)
-    flux = cfg.model.preset.startswith("flux")
-    # guidance_scale: SD3 students have the guidance distilled in (no CFG, 1.0); a Flux student keeps the
-    # guidance embedding it was trained with (FluxPipeline feeds guidance_scale to that embedding).
+    # guidance_scale: SD3 / LongCat students have the guidance distilled in (no CFG, 1.0); a Flux student keeps
+    # the guidance embedding it was trained with (FluxPipeline feeds guidance_scale to that embedding).
     meta = {"pipeline": pipeline_class(cfg).__name__, "sigmas": trained_sigmas(cfg),
             "num_inference_steps": len(trained_sigmas(cfg)),
-            "guidance_scale": cfg.model.flux_guidance if flux else 1.0,
+            "guidance_scale": family_of(cfg.model.preset).export_guidance_scale(cfg),
             "shift": shift.value if shift.mu is None else None, "dynamic_shift_mu": shift.mu, "ema": ema,
             "max_sequence_length": prompt_max_sequence_length(cfg),  # T5 tokens the training embeddings had
             "step": int(state.get("step", 0)), "source": str(Path(run).resolve()), "preset": cfg.model.preset,
@@ -155,9 +105,6 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
 
 
 def _export_lora(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype) -> None:
-    from .lora import adapter_state_dict, attach
-    from .presets import build_teacher
-
     base, _, _, _ = build_teacher(cfg, torch.device("cpu"))
     view, _, _ = attach(cfg, base.float().eval().requires_grad_(False), None)
     weights = state["ema"] if ema else state["student"]
@@ -183,9 +130,6 @@ def _export_lora_from_full(state, cfg, out: Path, *, ema: bool, dtype: torch.dty
     target linears (biases, norms, embeddings, the final layer) keep the teacher's values. Both losses are
     measured and returned (written to cdm_export.json); --format pipeline/transformer are exact.
     """
-    from .lora import target_modules
-    from .presets import build_teacher
-
     teacher = build_teacher(cfg, torch.device("cpu"))[0].float()
     student = state["ema"] if ema else state["student"]
     targets = target_modules(cfg)

@@ -21,7 +21,7 @@ import torch
 
 from cdm_kernels.graphs import GraphedForward, compile_blocks
 
-from .adapters import Cond, ModelAdapter
+from .cond import Cond, ModelAdapter
 
 log = logging.getLogger("cdm_train")
 

@@ -32,22 +32,25 @@ its own copy: its switches (rollout_graphs, fp8_attention_rollout, compile_stude
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import Config, ConfigError
+from .errors import ConfigError
+from .models import family_of
 
-SD3_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
-               "attn.to_out.0", "attn.to_q", "attn.to_v"]
-SD3_FF_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+if TYPE_CHECKING:
+    from .config import Config
+
 STUDENT, FAKE = "student", "fake"
 
 
 def target_modules(cfg: Config) -> list[str]:
+    """lora.target_modules, else the model family's official targets (attention linears, + FFN with include_ff)."""
     lc = cfg.lora
     if lc.target_modules is not None:
         return list(lc.target_modules)
-    return SD3_TARGETS + (SD3_FF_TARGETS if lc.include_ff else [])
+    return family_of(cfg.model.preset).lora_targets(lc.include_ff)
 
 
 def validate_lora(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""Precomputed prompt embeddings: `cdm-train encode-prompts` and the memory-mapped dataset.
+"""Prompt files and precomputed prompt embeddings: the memory-mapped dataset `cdm-train encode-prompts` writes.
 
 Layout of an embeddings directory (written by `encode_prompts`)::
 
@@ -6,11 +6,12 @@ Layout of an embeddings directory (written by `encode_prompts`)::
                                 "tensors": {name: {"shape": per-row shape, "dtype": ...}},
                                 "shards": [{"file": "shard-00000.safetensors", "rows": n}, ...],
                                 "null": "null.safetensors"}
-    shard-00000.safetensors    encoder_hidden_states (n, L, D), pooled_projections (n, P)
+    shard-00000.safetensors    the family's text tensors: encoder_hidden_states (n, L, D), and for SD3 / Flux
+                               pooled_projections (n, P) (LongCat has no pooled vector)
     null.safetensors           the same tensors for the empty prompt (1 row): the CFG null condition
     prompts.jsonl              the prompts, in row order
 
-Text encoders run once, offline (`encode-prompts`), so they never occupy training GPUs. Training
+Text encoders run once, offline (`encode-prompts`, cdm_train/encode.py), so they never occupy training GPUs. Training
 reads rows through `safetensors.safe_open` (memory-mapped: only the rows drawn are read).
 """
 
@@ -24,11 +25,11 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 FORMAT = "cdm-prompt-embeds"
 INDEX = "index.json"
-TENSORS = ("encoder_hidden_states", "pooled_projections")
+TENSORS = ("encoder_hidden_states", "pooled_projections")  # SD3 / Flux; a directory's index names its own
 
 
 class PromptDataError(ConfigError):
@@ -65,93 +66,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-# ------------------------------------------------------------------------------------------ encoding
-def load_text_pipeline(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
-    """The diffusers pipeline of `model_dir` with its text encoders only (no transformer, no VAE)."""
-    root = Path(model_dir)
-    index = root / "model_index.json"
-    if not index.is_file():
-        raise PromptDataError(f"--model {str(root)!r}: no model_index.json (expected a diffusers pipeline directory)")
-    name = json.loads(index.read_text()).get("_class_name", "")
-    import diffusers
-
-    if name not in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        raise PromptDataError(f"--model: pipeline {name!r} is not supported (StableDiffusion3Pipeline, FluxPipeline)")
-    cls = getattr(diffusers, name)
-    pipe = cls.from_pretrained(str(root), transformer=None, vae=None, torch_dtype=dtype)
-    return pipe.to(device)
-
-
-@torch.no_grad()
-def encode_batch(pipe, prompts: list[str], device: torch.device, max_sequence_length: int) -> dict[str, torch.Tensor]:
-    """The pipeline's own encode_prompt (SD3: CLIP-L + CLIP-G + T5; Flux: CLIP-L pooled + T5)."""
-    if type(pipe).__name__ == "FluxPipeline":
-        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
-                                               max_sequence_length=max_sequence_length)
-    else:
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                  num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-
-def encode_prompts(model_dir: str | Path, prompts_file: str | Path, out_dir: str | Path, *, batch_size: int = 16,
-                   shard_rows: int = 4096, device: str = "auto", dtype: str = "bfloat16",
-                   max_sequence_length: int = 256, pipe=None) -> Path:
-    """Encode every prompt of `prompts_file` (and the empty prompt) into sharded safetensors under `out_dir`."""
-    from safetensors.torch import save_file
-
-    prompts = read_prompts(prompts_file)
-    if batch_size < 1 or shard_rows < 1:
-        raise PromptDataError("--batch-size and --shard-rows must be >= 1")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    if pipe is None:
-        pipe = load_text_pipeline(model_dir, dev, torch_dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("shard-*.safetensors"):
-        old.unlink()
-    shards, pending, pending_rows, meta = [], [], 0, {}
-
-    def flush():
-        nonlocal pending, pending_rows
-        if not pending:
-            return
-        data = {k: torch.cat([p[k] for p in pending]).contiguous() for k in TENSORS}
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(data, str(out / name))
-        shards.append({"file": name, "rows": pending_rows})
-        pending, pending_rows = [], 0
-
-    for start in range(0, len(prompts), batch_size):
-        enc = encode_batch(pipe, prompts[start:start + batch_size], dev, max_sequence_length)
-        enc = {k: v.to("cpu", torch_dtype) for k, v in enc.items()}
-        meta = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")} for k, v in enc.items()}
-        pending.append(enc)
-        pending_rows += enc[TENSORS[0]].shape[0]
-        if pending_rows >= shard_rows:
-            flush()
-    flush()
-    null = {k: v.to("cpu", torch_dtype).contiguous() for k, v in encode_batch(pipe, [""], dev,
-                                                                             max_sequence_length).items()}
-    save_file(null, str(out / "null.safetensors"))
-    with (out / "prompts.jsonl").open("w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"prompt": p}, ensure_ascii=False) + "\n")
-    index = {"format": FORMAT, "version": 1, "pipeline": type(pipe).__name__, "num_prompts": len(prompts),
-             "max_sequence_length": max_sequence_length, "tensors": meta, "shards": shards,
-             "null": "null.safetensors"}
-    (out / INDEX).write_text(json.dumps(index, indent=1))
-    return out
-
-
 # ------------------------------------------------------------------------------------------ reading
 class PromptEmbeds:
     """Rows of an embeddings directory, read memory-mapped on demand. Validates the whole layout up front."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, tensors: tuple[str, ...] | None = None):
+        """`tensors`: the ones the model needs (checked to be there); None: every tensor the index lists."""
         from safetensors import safe_open
 
         self.root = Path(root)
@@ -166,9 +86,11 @@ class PromptEmbeds:
             raise PromptDataError(f"{index_path}: not a {FORMAT} index")
         self.index = index
         self.tensors: dict[str, Any] = index["tensors"]
-        missing = set(TENSORS) - set(self.tensors)
+        self.names = tuple(tensors) if tensors is not None else tuple(self.tensors)
+        missing = set(self.names) - set(self.tensors)
         if missing:
-            raise PromptDataError(f"{index_path}: no {sorted(missing)} tensors")
+            raise PromptDataError(f"{index_path}: no {sorted(missing)} tensors (encoded for another model family? "
+                                  f"the index says pipeline {index.get('pipeline')!r})")
         self._files, self._starts = [], []
         total = 0
         for entry in list(index["shards"]) + [{"file": index["null"], "rows": 1}]:
@@ -179,7 +101,7 @@ class PromptEmbeds:
                 handle = safe_open(str(path), framework="pt")
             except Exception as exc:  # safetensors raises its own error types
                 raise PromptDataError(f"{path}: not a safetensors file ({exc})") from None
-            for name in TENSORS:
+            for name in self.names:
                 if name not in handle.keys():
                     raise PromptDataError(f"{path}: no {name!r} tensor")
                 shape = list(handle.get_slice(name).get_shape())
@@ -188,7 +110,7 @@ class PromptEmbeds:
                     raise PromptDataError(f"{path}: {name} has shape {shape}, the index says {want} "
                                           "(shards from different encodings?)")
             if entry["file"] == index["null"]:
-                self._null = {k: handle.get_tensor(k) for k in TENSORS}
+                self._null = {k: handle.get_tensor(k) for k in self.names}
             else:
                 self._files.append(handle)
                 self._starts.append(total)
@@ -201,13 +123,13 @@ class PromptEmbeds:
         return self.size
 
     def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in TENSORS}
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in self.names}
         for i in indices:
             if not 0 <= i < self.size:
                 raise IndexError(f"prompt row {i} out of range [0, {self.size})")
             s = bisect.bisect_right(self._starts, i) - 1
             r = i - self._starts[s]
-            for k in TENSORS:
+            for k in self.names:
                 out[k].append(self._files[s].get_slice(k)[r:r + 1])
         return {k: torch.cat(v) for k, v in out.items()}
 
@@ -250,8 +172,9 @@ class StreamingPromptBank:
     """PromptBank over an embeddings directory, read memory-mapped: `take(rows)` for the official order
     (official_prompt_rows), or called with the step's host generator for rows drawn with replacement."""
 
-    def __init__(self, root: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.data = PromptEmbeds(root)
+    def __init__(self, root: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                 tensors: tuple[str, ...] | None = TENSORS):
+        self.data = PromptEmbeds(root, tensors)
         self.size = len(self.data)
         self.device, self.dtype = device, dtype
 

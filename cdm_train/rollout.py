@@ -26,7 +26,7 @@ import torch
 
 from cdm_kernels import euler_step
 
-from .adapters import Cond, ModelAdapter, cond_select
+from .cond import Cond, ModelAdapter, cond_select
 from .config import ScheduleConfig
 from .rng import LENGTH, derive_seed
 from .schedule import Shift, shift_sigmas

@@ -1,4 +1,4 @@
-"""`cdm-train sample` for diffusers runs (SD3 checkpoints, exported pipelines): decoded PNG images.
+"""`cdm-train sample` for diffusers runs (SD3 / Flux / LongCat checkpoints, exported pipelines): PNG images.
 
 Conditioning: prompts (`--prompt`, `--prompts FILE`) encoded with the teacher's text encoders when the
 model directory has them; otherwise rows of the run's precomputed embeddings (`model.prompt_embeds`).
@@ -12,24 +12,16 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import config_from_dict
+from .encode import encode_batch, load_text_pipeline
+from .errors import ConfigError
+from .models import family_of, family_of_pipeline
+from .models.build import resolve_shift
+from .runs import META_NAME, load_run, load_student, prompt_max_sequence_length, trained_sigmas
 
 
 def _has_text_encoders(model_dir: Path) -> bool:
     return (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir()
-
-
-def prompt_max_sequence_length(cfg) -> int:
-    """The T5 length the run's embeddings were encoded with (`encode-prompts` records it in index.json), so
-    prompts encoded at sampling time look like the training conditioning; else the pipeline's default."""
-    import json
-
-    emb = Path(cfg.model.prompt_embeds or "")
-    if cfg.model.prompt_embeds and (emb / "index.json").is_file():
-        n = json.loads((emb / "index.json").read_text()).get("max_sequence_length")
-        if isinstance(n, int) and n > 0:
-            return n
-    return 512 if cfg.model.preset.startswith("flux") else 256
 
 
 def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Generator, device,
@@ -40,29 +32,18 @@ def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Gene
         if not _has_text_encoders(model_dir):
             raise ConfigError(f"--prompt: {str(model_dir)!r} has no text encoders to encode prompts with; drop "
                               f"--prompt to sample from the run's precomputed embeddings (model.prompt_embeds)")
-        from .prompts import encode_batch, load_text_pipeline
-
         pipe = load_text_pipeline(model_dir, device, torch.float32)
         with torch.no_grad():
             cond = {k: v.float() for k, v in encode_batch(pipe, prompts, device,
                                                               max_sequence_length=prompt_max_sequence_length(cfg)).items()}
-        if cfg.model.preset.startswith("flux"):  # FluxAdapter: the guidance embedding the student was trained with
-            cond["guidance"] = torch.full((len(prompts),), float(cfg.model.flux_guidance), device=device)
-        return cond, list(prompts)
+        return family_of(cfg.model.preset).sampling_cond(cfg, cond), list(prompts)
     return sample_cond(num, generator), [f"embedding row (draw {i})" for i in range(num)]
 
 
-def decode(latents: torch.Tensor, model_dir: Path) -> torch.Tensor:
-    """VAE decode of trainer-space latents to pixels in [-1, 1] (SD3: latents / scaling + shift)."""
-    from diffusers import AutoencoderKL
-
-    if not (model_dir / "vae").is_dir():
-        raise ConfigError(f"model.path: {str(model_dir)!r} has no vae/ to decode with")
-    vae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae").to(latents.device).float().eval()
-    scale = vae.config.scaling_factor
-    shift = vae.config.shift_factor or 0.0
-    with torch.no_grad():
-        return vae.decode(latents.float() / scale + shift).sample.clamp(-1, 1)
+def decode(latents: torch.Tensor, model_dir: Path, cfg=None) -> torch.Tensor:
+    """VAE decode of trainer-space latents to pixels in [-1, 1] (the family's rule: latents / scaling + shift)."""
+    family = family_of(cfg.model.preset) if cfg is not None else family_of("sd3-medium")
+    return family.decode(latents, model_dir)
 
 
 def save_pngs(images: torch.Tensor, out: Path, labels: list[str]) -> list[Path]:
@@ -81,9 +62,6 @@ def save_pngs(images: torch.Tensor, out: Path, labels: list[str]) -> list[Path]:
 
 def sample_checkpoint(run: str | Path, out: str | Path, *, num: int, steps: int | None, seed: int, ema: bool,
                       prompts: list[str] | None, device: torch.device) -> list[Path]:
-    from .config import config_from_dict
-    from .export import load_run, load_student, trained_sigmas
-    from .presets import resolve_shift
     from .sampling import sample_euler, uniform_sigmas
 
     state = load_run(run)
@@ -100,17 +78,13 @@ def sample_checkpoint(run: str | Path, out: str | Path, *, num: int, steps: int 
     with torch.no_grad():
         latents = sample_euler(model, adapter, cond, noise, len(sigmas), sigmas=list(sigmas) + [0.0],
                                shift=resolve_shift(cfg))
-    return save_pngs(decode(latents, Path(cfg.model.path)), Path(out), labels)
+    return save_pngs(decode(latents, Path(cfg.model.path), cfg), Path(out), labels)
 
 
 def sample_pipeline(pipeline_dir: str | Path, out: str | Path, *, prompts: list[str], seed: int,
                     device: torch.device) -> list[Path]:
     """An exported pipeline (`cdm-train export`), sampled with the sigmas recorded in its cdm_export.json."""
     import json
-
-    from diffusers import DiffusionPipeline
-
-    from .export import META_NAME
 
     root = Path(pipeline_dir)
     meta_path = root / META_NAME
@@ -122,9 +96,12 @@ def sample_pipeline(pipeline_dir: str | Path, out: str | Path, *, prompts: list[
         raise ConfigError(f"--pipeline: {str(root)!r} has no text encoders; sample the run's checkpoint instead "
                           f"(--checkpoint RUN uses its precomputed embeddings)")
     meta = json.loads(meta_path.read_text())
-    pipe = DiffusionPipeline.from_pretrained(str(root), torch_dtype=torch.float32).to(device)
+    family = family_of_pipeline(meta.get("pipeline", ""))
+    if family is None:
+        raise ConfigError(f"--pipeline: {META_NAME} names pipeline {meta.get('pipeline')!r}, not one cdm-train exports")
+    pipe = family.load_pipeline(root, torch.float32).to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    extra = {"max_sequence_length": meta["max_sequence_length"]} if meta.get("max_sequence_length") else {}
+    extra = family.pipeline_call_kwargs(meta)
     images = pipe(prompt=prompts, sigmas=meta["sigmas"], num_inference_steps=len(meta["sigmas"]),
                   guidance_scale=meta.get("guidance_scale", 1.0), generator=g, output_type="pt", **extra).images
     return save_pngs(images * 2 - 1, Path(out), list(prompts))

@@ -6,7 +6,7 @@ import torch
 
 from cdm_kernels import euler_step
 
-from .adapters import Cond, ModelAdapter, cond_cat
+from .cond import Cond, ModelAdapter, cond_cat
 from .schedule import Shift, shift_sigmas
 
 

@@ -14,7 +14,7 @@ import torch
 import cdm_kernels as ck
 from cdm_kernels.graphs import run_concurrently, run_sequentially
 
-from .adapters import Cond, ModelAdapter, cond_cat
+from .cond import Cond, ModelAdapter, cond_cat
 from .config import Config
 from .draws import U_CA, U_CDM_STUDENT, U_CDM_TEACHER, U_DM, U_FAKE
 from .rng import NOISE_CA, NOISE_CDM, NOISE_DM, NOISE_FAKE, StepRandom

@@ -33,8 +33,8 @@ from .draws import IterationDraws, draw_iteration
 from .ema import EMA
 from .graphs import apply_graph_switches
 from .jsonutil import dumps as json_dumps
+from .models.build import Models, build_models, resolve_device
 from .monitor import GpuMonitor
-from .presets import Models, build_models, resolve_device
 from .rng import capture_global_rng, restore_global_rng
 from .rollout import rollout
 from .steps import fake_teacher_loss, student_losses, training_sigmas

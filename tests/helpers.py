@@ -56,7 +56,7 @@ def save_tiny_sd3_text_pipeline(root):
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from cdm_train.presets import TINY_ARCH
+    from cdm_train.models.sd3 import TINY_ARCH
 
     from .test_prompts import WORDS, _tokenizer
 

@@ -51,7 +51,7 @@ def _config(out: Path, *overrides: str):
 
 def _perturbed_models(cfg):
     """Fresh tiny models with fake and student moved off the teacher (else every DM shift is 0)."""
-    from cdm_train.presets import build_models
+    from cdm_train.models.build import build_models
 
     models = build_models(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(77)
@@ -80,7 +80,7 @@ def _explicit_batch(models):
 
 
 def _rows(batch, rows: slice):
-    from cdm_train.adapters import cond_select
+    from cdm_train.cond import cond_select
 
     return {k: (cond_select(v, rows) if k == "cond" else v[rows]) for k, v in batch.items()}
 

@@ -25,7 +25,7 @@ def sd3_pipeline_dir(tmp_path_factory):
         StableDiffusion3Pipeline,
     )
 
-    from cdm_train.presets import TINY_ARCH
+    from cdm_train.models.sd3 import TINY_ARCH
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
@@ -69,7 +69,7 @@ def test_exported_pipeline_loads_and_matches_our_sampler(sd3_pipeline_dir, tmp_p
 
     from cdm_train.checkpoint import load
     from cdm_train.config import config_from_dict
-    from cdm_train.presets import build_teacher, resolve_shift
+    from cdm_train.models.build import build_teacher, resolve_shift
     from cdm_train.sampling import sample_euler
 
     run, out = tmp_path / "run", tmp_path / "export"

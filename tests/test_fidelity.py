@@ -7,7 +7,7 @@ import torch
 
 from cdm_train.cli import main
 from cdm_train.config import ConfigError, make_config
-from cdm_train.presets import resolve_shift
+from cdm_train.models.build import resolve_shift
 from cdm_train.schedule import Shift
 from cdm_train.trainer import Trainer
 
@@ -91,7 +91,7 @@ def _embeds_file(path, with_null: bool):
 
 
 def test_missing_null_embeddings_exit_2_naming_the_key(tmp_path, capsys):
-    from cdm_train.presets import _load_prompt_embeds
+    from cdm_train.models.base import load_prompt_embeds as _load_prompt_embeds
 
     bad = _embeds_file(tmp_path / "no_null.pt", with_null=False)
     with pytest.raises(ConfigError, match="null_encoder_hidden_states"):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from cdm_train.adapters import FluxAdapter, flux_image_ids, pack_latents, unpack_latents
 from cdm_train.config import make_config
-from cdm_train.presets import build_models, resolve_shift
+from cdm_train.models.base import pack_latents, unpack_latents
+from cdm_train.models.build import build_models, resolve_shift
+from cdm_train.models.flux import FluxAdapter, flux_image_ids
 from cdm_train.schedule import Shift, flux_mu
 from cdm_train.trainer import Trainer
 
@@ -119,7 +120,7 @@ def flux_pipeline_dir(tmp_path_factory):
     16-channel VAE, no text encoders (precomputed embeddings)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from cdm_train.presets import FLUX_TINY_ARCH
+    from cdm_train.models.flux import FLUX_TINY_ARCH
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
@@ -144,11 +145,11 @@ def test_flux_export_pipeline_and_images(flux_pipeline_dir, tmp_path):
 
     from diffusers import FluxPipeline
 
-    from cdm_train.adapters import pack_latents
     from cdm_train.checkpoint import load
     from cdm_train.cli import main
     from cdm_train.config import config_from_dict
     from cdm_train.export import load_student
+    from cdm_train.models.base import pack_latents
     from cdm_train.sampling import sample_euler
 
     run, out = tmp_path / "run", tmp_path / "export"
@@ -173,7 +174,7 @@ def test_flux_export_pipeline_and_images(flux_pipeline_dir, tmp_path):
                   latents=pack_latents(noise), sigmas=meta["sigmas"], num_inference_steps=4,
                   guidance_scale=meta["guidance_scale"], height=8, width=8, output_type="latent",
                   return_dict=False)[0]
-    from cdm_train.presets import resolve_shift
+    from cdm_train.models.build import resolve_shift
 
     with torch.no_grad():
         mine = sample_euler(model, adapter, cond, noise, 4, sigmas=meta["sigmas"] + [0.0], shift=resolve_shift(cfg))
@@ -276,7 +277,7 @@ def test_flux_without_guidance_embedding_uses_the_null_prompt(tmp_path):
     contrasts the prompt with the null (empty-prompt) embeddings, as for SD3."""
     from diffusers import FluxTransformer2DModel
 
-    from cdm_train.presets import FLUX_TINY_ARCH
+    from cdm_train.models.flux import FLUX_TINY_ARCH
 
     torch.manual_seed(0)
     net = FluxTransformer2DModel(**dict(FLUX_TINY_ARCH, guidance_embeds=False)).eval()
@@ -335,7 +336,7 @@ def test_encode_prompts_for_flux_then_train_the_flux_preset(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from cdm_train.cli import main
-    from cdm_train.presets import FLUX_TINY_ARCH
+    from cdm_train.models.flux import FLUX_TINY_ARCH
     from cdm_train.prompts import PromptEmbeds
 
     from .test_prompts import WORDS, _tokenizer

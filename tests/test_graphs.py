@@ -183,7 +183,7 @@ def test_graphed_adapter_routes_only_no_grad_calls():
 
 @needs_diffusers
 def test_regional_compile_finds_and_compiles_blocks(tmp_path):
-    from cdm_train.presets import build_models
+    from cdm_train.models.build import build_models
 
     cfg = tiny_config(tmp_path)
     models = build_models(cfg, torch.device("cpu"))
@@ -288,7 +288,8 @@ def stats_sizes(ro):
 
 # --------------------------------------------------------------------------------------------- GPU
 def _tiny_sd3(device, seed=0):
-    from cdm_train.presets import TINY_ARCH, _sd3_from_arch
+    from cdm_train.models.sd3 import TINY_ARCH
+    from cdm_train.models.sd3 import sd3_from_arch as _sd3_from_arch
 
     return _sd3_from_arch(TINY_ARCH, seed).to(device)
 
@@ -303,7 +304,7 @@ def _sd3_inputs(batch, device, seed=0):
 
 
 def _sd3_call(model):
-    from cdm_train.adapters import SD3Adapter
+    from cdm_train.models.sd3 import SD3Adapter
 
     adapter = SD3Adapter({"encoder_hidden_states": torch.zeros(1, 6, 16), "pooled_projections": torch.zeros(1, 8)})
     return functools.partial(adapter, model)

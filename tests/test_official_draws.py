@@ -20,7 +20,7 @@ from scipy import stats
 
 from cdm_train.config import make_config
 from cdm_train.draws import draw_iteration
-from cdm_train.presets import build_models
+from cdm_train.models.build import build_models
 from cdm_train.prompts import official_prompt_rows
 from cdm_train.rollout import draw_num_steps
 

@@ -88,7 +88,8 @@ def test_encode_prompts_writes_shards_that_the_dataset_reads(sd3_dir, tmp_path):
 
 
 def test_sd3_medium_preset_streams_the_directory(sd3_dir, tmp_path):
-    from cdm_train.prompts import StreamingPromptBank, encode_prompts
+    from cdm_train.encode import encode_prompts
+    from cdm_train.prompts import StreamingPromptBank
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\nthe moon\n")
@@ -136,7 +137,7 @@ def test_bad_files_fail_with_a_clear_message(sd3_dir, tmp_path, capsys):
     assert main(["encode-prompts", "--model", str(tmp_path), "--prompts", str(bad_json), "--out",
                  str(tmp_path / "o")]) == 2
 
-    from cdm_train.prompts import encode_prompts
+    from cdm_train.encode import encode_prompts
 
     good = tmp_path / "g.txt"
     good.write_text("a cat\na dog\nthe moon\n")
@@ -160,8 +161,9 @@ def test_bad_files_fail_with_a_clear_message(sd3_dir, tmp_path, capsys):
 
 def test_sd3_medium_preset_trains_from_an_embeddings_directory(sd3_dir, tmp_path):
     from cdm_train.config import make_config
-    from cdm_train.presets import TINY_ARCH, _sd3_from_arch
-    from cdm_train.prompts import encode_prompts
+    from cdm_train.encode import encode_prompts
+    from cdm_train.models.sd3 import TINY_ARCH
+    from cdm_train.models.sd3 import sd3_from_arch as _sd3_from_arch
     from cdm_train.trainer import Trainer
 
     model = tmp_path / "model"

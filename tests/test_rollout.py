@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cdm_train.config import ScheduleConfig
-from cdm_train.presets import build_models
+from cdm_train.models.build import build_models
 from cdm_train.rollout import draw_schedule, last_step_needed, rollout, sample_schedule, sample_trajectory_indices
 from cdm_train.schedule import Shift, flux_mu, shift_sigmas
 

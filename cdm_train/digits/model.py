@@ -4,7 +4,7 @@ Classes play the role of prompts: learned class embeddings (10 digits + the null
 become the encoder hidden states (CONTEXT_TOKENS tokens) and the pooled projection, so
 the model exercises the same transformer as the real SD3 path. Called as
 ``model(x, timestep, labels) -> v`` (timestep = 1000 * sigma), which is what
-``cdm_train.adapters.ClassLabelAdapter`` does.
+``cdm_train.models.class_label.ClassLabelAdapter`` does.
 """
 
 from __future__ import annotations
