@@ -101,7 +101,8 @@ def test_deferred_imports_count_and_type_checking_ones_do_not(tmp_path, monkeypa
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from .b import x\nif TYPE_CHECKING:\n    from .c import y\ndef f():\n    from .d import z\n")
+    source = "from .b import x\nif TYPE_CHECKING:\n    from .c import y\ndef f():\n    from .d import z\n"
+    (pkg / "a.py").write_text(source)
     for name in "bcd":
         (pkg / f"{name}.py").write_text("from . import a\n" if name == "d" else "")
     monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", tmp_path)
