@@ -71,7 +71,7 @@ def _sync(device):
 def build(mode: str, args) -> Trainer:
     overrides = [f"train.device={args.device}", f"train.batch_size={args.batch}", "train.progress=false",
                  "train.tensorboard=false", "optim.update_ratio=1", f"train.out_dir={args.out_dir}/{mode}"]
-    if args.preset in ("sd3-medium-shape", "flux-shape"):
+    if args.preset in ("sd3-medium-shape", "flux-shape", "longcat-shape"):
         overrides += [f"model.resolution={args.resolution}"]
         if args.layers is not None:
             overrides += [f"model.layers={args.layers}"]
@@ -332,7 +332,8 @@ def _events_cell(te: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "sd3-medium-shape", "flux-tiny", "flux-shape"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "sd3-medium-shape", "flux-tiny", "flux-shape",
+                                                             "longcat-tiny", "longcat-shape"])
     p.add_argument("--layers", type=int, default=None,
                    help="sd3-medium-shape depth (default 24); flux-shape: L double + 2L single blocks (default 19)")
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium-shape / flux-shape image side in pixels")

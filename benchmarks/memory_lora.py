@@ -1,4 +1,4 @@
-"""Computed (not measured) memory per GPU of full vs LoRA fake teacher vs LoRA student, SD3-Medium and Flux-dev.
+"""Computed (not measured) memory per GPU of full vs LoRA fake teacher vs LoRA student, SD3-Medium, Flux-dev and LongCat-Image.
 
     python benchmarks/memory_lora.py [--batch 4] [--rank 64] [--markdown FILE]
 
@@ -46,6 +46,17 @@ def counts(model_name: str, resolution: int, rank: int) -> dict[str, int]:
             side = resolution // 8 // 2
             tokens, blocks = side * side + SD3_TEXT_TOKENS, SD3_MEDIUM_ARCH["num_layers"]
             hidden = SD3_MEDIUM_ARCH["num_attention_heads"] * SD3_MEDIUM_ARCH["attention_head_dim"]
+        elif model_name == "LongCat-Image":
+            from diffusers import LongCatImageTransformer2DModel
+
+            from cdm_train.models.longcat import LONGCAT_ARCH, LONGCAT_FF_TARGETS, LONGCAT_TARGETS, LONGCAT_TEXT_TOKENS
+
+            model = LongCatImageTransformer2DModel(**LONGCAT_ARCH)
+            side = resolution // 16
+            tokens = side * side + LONGCAT_TEXT_TOKENS
+            blocks = LONGCAT_ARCH["num_layers"] + LONGCAT_ARCH["num_single_layers"]
+            hidden = LONGCAT_ARCH["num_attention_heads"] * LONGCAT_ARCH["attention_head_dim"]
+            targets = LONGCAT_TARGETS + LONGCAT_FF_TARGETS
         else:
             from diffusers import FluxTransformer2DModel
 
@@ -54,9 +65,10 @@ def counts(model_name: str, resolution: int, rank: int) -> dict[str, int]:
             tokens = side * side + FLUX_TEXT_TOKENS
             blocks = FLUX_DEV_ARCH["num_layers"] + FLUX_DEV_ARCH["num_single_layers"]
             hidden = FLUX_DEV_ARCH["num_attention_heads"] * FLUX_DEV_ARCH["attention_head_dim"]
+        if model_name != "LongCat-Image":
+            targets = SD3_TARGETS + SD3_FF_TARGETS
         params = sum(p.numel() for p in model.parameters())
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                      target_modules=SD3_TARGETS + SD3_FF_TARGETS))
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
         adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     return {"params": params, "adapter": adapter, "tokens": tokens, "blocks": blocks, "hidden": hidden}
 
@@ -67,7 +79,7 @@ def table(batch: int, rank: int) -> list[str]:
              f"per GPU.", "",
              "| model | params P | adapter A | mode | states GiB | activations GiB | **total GiB / GPU** |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("SD3-Medium", "Flux-dev"):
+    for name in ("SD3-Medium", "Flux-dev", "LongCat-Image"):
         c = counts(name, 1024, rank)
         p, a = c["params"], c["adapter"]
         act = GRAD_FORWARDS * batch * c["blocks"] * ACT_BYTES_PER_TOKEN_HIDDEN * c["tokens"] * c["hidden"]

@@ -188,7 +188,7 @@ def test_lora_targets_longcats_linears(tmp_path):
             assert torch.equal(p.detach(), base[n]), n  # only the adapters train
 
 
-# ------------------------------------------------------------------ a tiny LongCat-Image pipeline, text encoder included
+# ---------------------------------------------------------- a tiny LongCat-Image pipeline, text encoder included
 WORDS = ["a", "cat", "dog", "on", "the", "moon", "red", "photo", "of", "blue", "car"]
 
 

@@ -41,8 +41,11 @@ from .base import (
     unpack_latents,
 )
 
-# meituan-longcat/LongCat-Image transformer/config.json (the diffusers class defaults).
-LONGCAT_ARCH = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+# LongCat-Image (about 6 B parameters): 10 double-stream + 20 single-stream blocks, hidden 3072 (24 x 128), text
+# width 3584 (Qwen2.5-VL-7B). Taken from a public port's constants (mflux), not read from the model's
+# transformer/config.json (no network here); `longcat` loads the real config from model.path. The diffusers class
+# defaults (19 + 38 blocks) are Flux-dev's depth, not LongCat's.
+LONGCAT_ARCH = dict(patch_size=1, in_channels=64, num_layers=10, num_single_layers=20, attention_head_dim=128,
                     num_attention_heads=24, joint_attention_dim=3584, pooled_projection_dim=3584,
                     axes_dims_rope=(16, 56, 56))
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
