@@ -109,11 +109,27 @@ def _export_lora(state, cfg, out: Path, *, ema: bool, dtype: torch.dtype) -> Non
     view, _, _ = attach(cfg, base.float().eval().requires_grad_(False), None)
     weights = state["ema"] if ema else state["student"]
     layers = {k: v.to(dtype) for k, v in adapter_state_dict(view, weights).items()}
-    pipeline_class(cfg).save_lora_weights(str(out), transformer_lora_layers=layers,
-                                               transformer_lora_adapter_metadata={
-                                                   "r": cfg.lora.rank, "lora_alpha": _num(cfg.lora.alpha),
-                                                   "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]
-                                                                             for k in layers})})
+    _save_lora(cfg, out, layers, rank=cfg.lora.rank, alpha=_num(cfg.lora.alpha))
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _save_lora(cfg, out: Path, layers: dict[str, torch.Tensor], *, rank: int, alpha) -> None:
+    """The adapter in diffusers' LoRA file layout: the pipeline's own save_lora_weights where it has one; else
+    (LongCatImagePipeline has no LoRA loader) the same file written directly: "transformer."-prefixed keys and
+    peft's adapter config as metadata, loadable with peft / `transformer.load_lora_adapter(DIR)`."""
+    targets = sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1] for k in layers})
+    meta = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+    cls = pipeline_class(cfg)
+    if hasattr(cls, "save_lora_weights"):
+        cls.save_lora_weights(str(out), transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta)
+        return
+    from safetensors.torch import save_file
+
+    save_file({f"transformer.{k}": v.contiguous() for k, v in layers.items()}, str(out / LORA_FILE),
+              metadata={"format": "pt",  # diffusers' layout: the adapter config under "transformer."-prefixed keys
+                        "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in meta.items()})})
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -157,11 +173,7 @@ def _export_lora_from_full(state, cfg, out: Path, *, ema: bool, dtype: torch.dty
     for key, w in teacher.state_dict().items():
         if key not in covered and key in student and w.is_floating_point():
             other += float((student[key].double() - w.double()).square().sum())
-    pipeline_class(cfg).save_lora_weights(str(out), transformer_lora_layers=layers,
-                                          transformer_lora_adapter_metadata={
-                                              "r": rank, "lora_alpha": rank,
-                                              "target_modules": sorted({k.rsplit(".lora_", 1)[0].split(".", 2)[-1]
-                                                                        for k in layers})})
+    _save_lora(cfg, out, layers, rank=rank, alpha=rank)
     total = kept + other
     return {"rank": rank, "modules": len(layers) // 2,
             "target_delta_relative_error": (err / kept) ** 0.5 if kept > 0 else 0.0,

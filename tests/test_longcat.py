@@ -288,3 +288,39 @@ def test_encode_train_export_and_sample_match_the_pipeline(longcat_pipeline_dir,
     imgs = tmp_path / "imgs"
     assert main(["sample", "--pipeline", str(out), "--prompt", "a cat", "--out", str(imgs), "--device", "cpu"]) == 0
     assert len(list(imgs.glob("*.png"))) == 1
+
+
+def test_lora_student_exports_a_lora_file_for_longcat(tmp_path):
+    """LongCatImagePipeline has no save_lora_weights: the file is written in the same layout, and loading it
+    into a fresh LongCat transformer with diffusers' own load_lora_adapter gives the trained student's output."""
+    from diffusers import LongCatImageTransformer2DModel
+    from safetensors import safe_open
+
+    from cdm_train.cli import main
+    from cdm_train.runs import load_run, load_student
+
+    run, out = tmp_path / "run", tmp_path / "lora"
+    assert main(["train", "--preset", "longcat-tiny", "--set", "lora.student=true", "--set", "lora.fake=true",
+                 "--set", "lora.rank=2", "--set", "lora.alpha=4", "--set", "optim.update_ratio=1", "--set",
+                 "optim.student_warmup_steps=0", "--set", "optim.student_lr=1e-2", "--steps", "2", "--out", str(run),
+                 "--no-progress"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "lora", "--dtype", "fp32"]) == 0
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    assert meta["transformer.r"] == 2 and meta["transformer.lora_alpha"] == 4
+    state = load_run(run)
+    from cdm_train.config import config_from_dict
+
+    cfg = config_from_dict(state["config"])
+    merged, adapter, sample_cond, latent = load_student(state, cfg, ema=True)
+    torch.manual_seed(cfg.train.seed)
+    base = LongCatImageTransformer2DModel(**LONGCAT_TINY_ARCH)  # the same random init as the run's teacher
+    base.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    g = torch.Generator().manual_seed(3)
+    x, sigma, cond = torch.randn(2, *latent, generator=g), torch.rand(2, generator=g), sample_cond(2, g)
+    with torch.no_grad():
+        want, got = adapter(merged, x, sigma, cond), adapter(base.eval(), x, sigma, cond)
+    assert float((want - adapter(build_models(cfg, torch.device("cpu")).teacher, x, sigma, cond)).abs().max()) > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
