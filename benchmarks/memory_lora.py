@@ -1,4 +1,5 @@
-"""Computed (not measured) memory per GPU of full vs LoRA fake teacher vs LoRA student, SD3-Medium, Flux-dev and LongCat-Image.
+"""Computed (not measured) memory per GPU of full vs LoRA fake teacher vs LoRA student: SD3-Medium, Flux-dev,
+LongCat-Image.
 
     python benchmarks/memory_lora.py [--batch 4] [--rank 64] [--markdown FILE]
 

@@ -286,9 +286,10 @@ def cmd_export(args) -> int:
         print(f"LoRA extracted from a full student by SVD (rank {ex['rank']}, {ex['modules']} linears): relative "
               f"error on the targeted weight deltas {ex['target_delta_relative_error']:.3g}; share of the student's "
               f"change outside the targets (kept at the teacher's values) {ex['untargeted_delta_fraction']:.3g}")
+    shift = (f"shift {meta['shift']}" if meta["shift"] is not None
+             else f"its dynamic shift, mu {meta['dynamic_shift_mu']:.4g}")
     print(f"wrote {out} ({args.format}, {'EMA' if args.ema else 'raw'} weights, {args.dtype}); sample with "
-          f"sigmas={meta['sigmas']} (the scheduler applies " + (f"shift {meta['shift']})" if meta["shift"] is not None
-                                                                else f"its dynamic shift, mu {meta['dynamic_shift_mu']:.4g})"))
+          f"sigmas={meta['sigmas']} (the scheduler applies {shift})")
     return 0
 
 
