@@ -324,3 +324,28 @@ def test_lora_student_exports_a_lora_file_for_longcat(tmp_path):
         want, got = adapter(merged, x, sigma, cond), adapter(base.eval(), x, sigma, cond)
     assert float((want - adapter(build_models(cfg, torch.device("cpu")).teacher, x, sigma, cond)).abs().max()) > 1e-4
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [512, 1024])
+def test_rollout_sigmas_are_the_pipelines_scheduler(tmp_path, resolution):
+    """The trainer's rollout anchors equal what LongCatImagePipeline's scheduler makes of the raw schedule:
+    set_timesteps(sigmas, mu = calculate_shift(image tokens, the directory's scheduler bounds))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image import calculate_shift
+
+    from cdm_train.draws import draw_iteration
+
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.4, max_shift=1.3,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    sched.save_pretrained(tmp_path / "scheduler")
+    cfg = make_config("longcat", overrides=[f"model.path={tmp_path}", "model.prompt_embeds=x",
+                                            f"model.resolution={resolution}"])
+    mu = calculate_shift((resolution // 16) ** 2, 256, 4096, 0.4, 1.3)
+    shift = resolve_shift(cfg)
+    assert shift.mu == pytest.approx(mu)
+    for step in range(3):  # the official random-length schedules
+        d = draw_iteration(cfg, lambda b, g: torch.zeros(b), (1, 1, 1), shift, rank=0, step=step,
+                           device=torch.device("cpu"))
+        sched.set_timesteps(sigmas=d.raw_sigmas[:-1], mu=mu)
+        assert d.sigmas == pytest.approx(sched.sigmas.tolist(), abs=1e-6)
+        assert d.sigmas[0] == 1.0 and d.sigmas[-1] == 0.0
