@@ -122,9 +122,10 @@ def test_tiny_longcat_trains_and_resumes_exactly(tmp_path):
 
 
 def test_trainer_ca_and_dm_are_direct_transformer_calls(tmp_path):
-    """CA: the teacher on the prompt vs on the encoded empty prompt (true CFG); DM: teacher vs fake teacher."""
+    """CA: the teacher on the prompt vs on the encoded empty prompt (true CFG); DM: teacher vs fake teacher;
+    CDM: the same at the off-trajectory point x' = x_i + (s' - s_i) v_i."""
     import cdm_kernels as ck
-    from cdm_train.rng import NOISE_CA, NOISE_DM
+    from cdm_train.rng import NOISE_CA, NOISE_CDM, NOISE_DM
     from cdm_train.rollout import rollout
     from cdm_train.steps import student_losses, training_sigmas
 
@@ -162,9 +163,16 @@ def test_trainer_ca_and_dm_are_direct_transformer_calls(tmp_path):
                              guidance_scale=3.0)
             dm = ck.dm_loss(v_student, direct(m.teacher, xt_dm, sg.dm_teacher, text),
                             direct(m.fake, xt_dm, sg.dm_teacher, text), ro.x_i, xt_dm, ro.sigma_i, sg.dm_teacher)
-    assert float(ca) > 0 and float(dm) > 0
+            view = (-1, 1, 1, 1)
+            x_p = ro.x_i + (sg.cdm_student - ro.sigma_i).view(view) * ro.v_i
+            v_p = direct(m.student, x_p, sg.cdm_student, text)
+            _, xt_cdm = ck.predict_x0_renoise(x_p, v_p, sg.cdm_student, sg.cdm_teacher, seed=d.rnd.seeds[NOISE_CDM])
+            cdm = ck.dm_loss(v_p, direct(m.teacher, xt_cdm, sg.cdm_teacher, text),
+                             direct(m.fake, xt_cdm, sg.cdm_teacher, text), x_p, xt_cdm, sg.cdm_student, sg.cdm_teacher)
+    assert float(ca) > 0 and float(dm) > 0 and float(cdm) > 0
     torch.testing.assert_close(losses.ca.detach(), ca, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(losses.dm.detach(), dm, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(losses.cdm.detach(), cdm, rtol=1e-4, atol=1e-7)
 
 
 def test_lora_targets_longcats_linears(tmp_path):
