@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cdm-train demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
-	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py
+	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py conftest.py
 
 $(TRITON_SIDE_DIR)/.installed:
 	$(PIP) install -q --no-deps --target $(TRITON_SIDE_DIR) "triton==$(TRITON_SIDE_VERSION)"

@@ -103,6 +103,18 @@ def test_cross_device_outputs_fail_when_the_region_device_is_given():
             x * 2
 
 
+def test_explicit_cross_device_copies_fail_whatever_their_size():
+    # .to(<other device>) on the region's tensors: caught at the copy even for a 0-dim int64 (exempt as an output).
+    i = torch.tensor(3, device="meta")
+    with pytest.raises(CaptureSafetyError, match="aten._to_copy copies between devices"):
+        with CaptureSafetyMode("meta"):
+            i.to("cpu")
+    dst, host = torch.empty(4, device="meta"), torch.ones(4)  # the host tensor made outside the region
+    with pytest.raises(CaptureSafetyError, match="aten.copy_ copies between devices"):
+        with CaptureSafetyMode("meta"):
+            dst.copy_(host)
+
+
 def test_capture_checked_wraps_a_graphed_forward_region():
     calls: list[str] = []
     g = GraphedForward(capture_checked(_planted_item, where="planted", calls=calls), simulate=True)
@@ -186,6 +198,22 @@ def test_gpu_graphed_regions_are_capture_safe(monkeypatch, tmp_path, case):
     preset, overrides = CASES[case]
     counts = _checked_iteration(monkeypatch, tmp_path, preset, *overrides, device="cuda")
     assert all(counts[r] >= 2 for r in REGIONS), counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["auto", "int8"])
+def test_gpu_8bit_attention_host_code_is_capture_safe(path):
+    # The kernels the fp8_attention_* switches put inside the graphs at head dim 64 (the tiny presets' head dim
+    # 8 takes SDPA): the host wrapper and custom op launch nothing unsafe. Warm-up (autotune, JIT) outside.
+    from cdm_kernels import fp8_attention
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 77, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        expected = fp8_attention(q, k, v, path=path)
+    out = check_capture_safe(fp8_attention, q, k, v, path=path)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @needs_diffusers

@@ -73,12 +73,12 @@ _FORBIDDEN_ATEN: dict[str, str] = {
     "unique_dim_consecutive": _DYNAMIC,
     "bincount": _DYNAMIC + " (its length is max(input) + 1)",
     "_pin_memory": "allocates pinned host memory (outside the graph's pool)",
-    "_assert_async": "checks a tensor value; fine on the GPU without a message, but with one it syncs",
 }
 
 # ATen ops that are data-dependent only for some arguments (boolean indices, no output_size).
 _INDEXING = {"index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_", "_unsafe_index"}
 _REPEAT_INTERLEAVE = "repeat_interleave"
+_COPIES = {"_to_copy", "copy_", "copy", "_copy_from", "_copy_from_and_resize"}
 
 # Tensor methods / torch functions that leave the device (no ATen op on a CPU tensor, so checked here).
 _FORBIDDEN_METHODS: dict[Any, str] = {
@@ -153,11 +153,19 @@ class _DispatchChecks(TorchDispatchMode):
         if packet == _REPEAT_INTERLEAVE and func._overloadname in ("Tensor", "self_Tensor") \
                 and kwargs.get("output_size") is None:
             self.owner._fail(op, "with a tensor of repeats and no output_size " + _DYNAMIC)
-        out = func(*args, **kwargs)
         device = self.owner.device
+        if device is not None and packet in _COPIES:
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            target = kwargs.get("device")
+            if target is not None and any(t.device != torch.device(target) for t in tensors) \
+                    or len({t.device for t in tensors}) > 1:
+                self.owner._fail(op, "copies between devices (a host sync / memory outside the graph's pool)")
+        out = func(*args, **kwargs)
         if device is not None:
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.device != device:
+                # 0-dim int64 outputs off the device are exempt: SDPA's flash / efficient kernels return their
+                # (unused without dropout) Philox seed and offset as host scalars outside a capture, by design.
+                if isinstance(t, torch.Tensor) and t.device != device and not (t.dim() == 0 and t.dtype == torch.int64):
                     self.owner._fail(op, f"puts a tensor on {t.device} inside a region that runs on {device} "
                                          "(a cross-device copy: a host sync / memory outside the graph's pool)")
         return out
