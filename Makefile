@@ -15,6 +15,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.cdm-installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# tests/ and the pytest-benchmark suite in one process (one inductor warm-up); benchmarks as correctness only.
+PYTEST_PATHS ?= tests benchmarks
 
 # The GPU machines run triton 3.6 (torch 2.11's pin); CI has the venv's newer triton. Every kernel is
 # compiled for sm_80/89/90 against both (python -m cdm_kernels.compile_check), 3.6 installed on the side.
@@ -42,7 +44,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cdm-train demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
-	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py
+	$(PY) -m ruff check cdm_kernels cdm_train benchmarks tests setup.py conftest.py
 
 $(TRITON_SIDE_DIR)/.installed:
 	$(PIP) install -q --no-deps --target $(TRITON_SIDE_DIR) "triton==$(TRITON_SIDE_VERSION)"
@@ -53,7 +55,7 @@ compile-check: $(STAMP) $(TRITON_SIDE_DIR)/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_SIDE_DIR) $(PY) -m cdm_kernels.compile_check --quick $(COMPILE_CHECK_ARCHS)
 
 test: $(STAMP) lint compile-check
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS) $(PYTEST_PATHS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --device cpu --preset tiny

@@ -1,9 +1,10 @@
-"""CUDA-graph capture, two-stream overlap and regional compile helpers (see docs/graphs.md).
+"""CUDA-graph capture, two-stream overlap, regional compile and capture-safety helpers (see docs/graphs.md).
 
 Everything here falls back to plain eager calls on the CPU, so call sites need no
 device checks.
 """
 
+from .capture_safety import CaptureSafetyError, CaptureSafetyMode, capture_checked, check_capture_safe
 from .graphed import GraphedForward, GraphStats, ShapeKeyedCache, flatten, input_key, unflatten
 from .regional import compile_blocks, find_blocks, is_compiled
 from .streams import concurrency_available, run_concurrently, run_sequentially, side_stream
@@ -22,4 +23,8 @@ __all__ = [
     "run_sequentially",
     "concurrency_available",
     "side_stream",
+    "CaptureSafetyError",
+    "CaptureSafetyMode",
+    "check_capture_safe",
+    "capture_checked",
 ]
