@@ -438,9 +438,9 @@ def machine_code_report(infos: list, md_path: str | None) -> tuple[list[str], li
         f"spills: {', '.join(f'{k} sm_{a} {b} B' for k, a, b in spills) or 'none'}; "
         f"stack frames: {', '.join(f'{k} {s} B' for k, s in stacks) or 'none'}",
     ]
-    known = [f"{k} sm_{a} {b} B" for k, a, b in spills if b <= mc.KNOWN_SPILLS.get((k, a), 0)]
+    known = [f"{k} sm_{a} {b} B" for k, a, b in spills if b <= mc.known_spill_bytes(k, a)]
     if known:
-        summary.append(f"machine code: accepted spills (machine_code.KNOWN_SPILLS: one index register): "
+        summary.append(f"machine code: accepted spills (machine_code.KNOWN_SPILLS, explained there): "
                        f"{', '.join(known)}")
     return failures, summary
 
