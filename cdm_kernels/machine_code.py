@@ -391,3 +391,45 @@ def markdown_table(rows: dict[tuple, Row], triton_version: str, header: bool = T
                      f"| {r.shared} | {ldg} | {stg} | {r.matrix or '-'} | {r.local or '-'} | {r.sincos or '-'} "
                      f"| {', '.join(sorted(r.shapes))} |")
     return "\n".join(lines) + "\n"
+
+
+def _keep_in_summary(kernel: str, variant: str, arch: str) -> bool:
+    """The RESULTS_ops.md excerpt: sm_80 and sm_90; the fp32 inputs the trainer hands the loss / Euler ops (model
+    outputs are upcast), bf16 inputs of the attention kernels."""
+    if arch not in ("sm_80", "sm_90"):
+        return False
+    if "attention" in kernel or "quantize" in kernel:
+        return variant.endswith("*bf16") or "fp8e4nv" in variant or "PV_DTYPE=bf16" in variant
+    return variant.endswith("*fp32")
+
+
+def merge_tables(paths: list[str], summary: bool = False) -> str:
+    """Rows of several --report-md tables (one per Triton) under one header, sorted by kernel, variant, arch."""
+    header, rows = [], []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("| kernel", "|---")):
+                    if len(header) < 2:
+                        header.append(line.rstrip())
+                elif line.startswith("| "):
+                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                    if not summary or _keep_in_summary(cells[0], cells[1], cells[2]):
+                        rows.append((cells[:4], line.rstrip()))
+    return "\n".join(header + [line for _key, line in sorted(rows)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cdm_kernels.machine_code",
+                                     description="merge compile_check --report-md tables (one per Triton)")
+    parser.add_argument("tables", nargs="+")
+    parser.add_argument("--summary", action="store_true", help="only the RESULTS_ops.md excerpt (sm_80/90, fp32/bf16)")
+    args = parser.parse_args(argv)
+    print(merge_tables(args.tables, args.summary), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -61,6 +61,9 @@ def test_gates_on_access_width_and_matrix_instructions():
     assert any("without IMMA" in f for f in mc.gate(int8, 80, INFO, st, True))
     imma = mc.sass_stats(SNIPPET + "\n/*3000*/                   IMMA.16832.S8.S8 R4, R8.ROW, R12.COL, R4 ;")
     assert mc.gate(int8, 80, INFO, imma, True) == []
+    # HFMA2.MMA is an FMA issued on the MMA pipe, not a matrix instruction
+    pipe = mc.sass_stats(SNIPPET + "\n/*3000*/                   HFMA2.MMA R46, -RZ, RZ, 0, 0 ;")
+    assert sum(pipe.matrix.values()) == 0
 
 
 def test_known_spills_are_bounded():
