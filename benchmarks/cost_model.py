@@ -56,7 +56,8 @@ ATTENTION_MEASURED = {  # name: (B, H, S, D, ms)
     "flux": (1, 24, 4608, 128, 0.785),
 }
 MEASURED_BENCH_STEP = {  # RESULTS_gpu.md: sd3-medium-shape 1024 px, 4 layers, batch 4, 8 timed iterations after 3
-    "config": {"preset": "sd3-medium-shape", "layers": 4, "batch": 4, "resolution": 1024, "steps": list(range(3, 11))},
+    "config": {"preset": "sd3-medium-shape", "layers": 4, "batch": 4, "resolution": 1024, "steps": list(range(3, 11)),
+               "length_from_host_generator": True},  # the draws of the code that ran (real_host_draws)
     "reference": {"median_ms": 492.5, "nfe": 78, "rollout_ms": 128.8, "fake_step_ms": 69.2, "student_step_ms": 294.8,
                   "peak_gib": 38.98},
     "fast": {"median_ms": 388.9, "nfe": 58, "rollout_ms": 89.3, "fake_step_ms": 66.2, "student_step_ms": 231.7,
@@ -273,9 +274,13 @@ def fused_ops_on_fake_tensors():
 
 
 @contextlib.contextmanager
-def real_host_draws():
+def real_host_draws(length_from_host_generator: bool = False):
     """The iteration's host-side draws (schedule length, sigmas, trajectory indices, prompt rows) are real:
-    they decide the shapes. They run outside the fake mode, on the same CPU generators as in training."""
+    they decide the shapes. They run outside the fake mode, on the same CPU generators as in training.
+
+    length_from_host_generator: N drawn from the iteration's host generator, as the code of the 2026-12-04 GPU
+    run did (before commit 9730274 made N the official Random((epoch, batch)) draw): the same iterations as
+    the measured ones (their mean rollout NFE, 38 reference / 22 fast, comes out exactly)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     import cdm_train.draws as draws_mod
@@ -290,6 +295,8 @@ def real_host_draws():
     saved = {n: getattr(draws_mod, n) for n in names}
     for n, fn in saved.items():
         setattr(draws_mod, n, real(fn))
+    if length_from_host_generator:
+        draws_mod.draw_num_steps = lambda *a, **k: None  # draw_schedule then draws N from the host generator
     try:
         yield
     finally:
@@ -334,7 +341,7 @@ def config_overrides(preset: str, batch: int, layers: int | None, resolution: in
 
 
 def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: int | None, resolution: int,
-             extra: list[str] | None = None) -> dict:
+             extra: list[str] | None = None, length_from_host_generator: bool = False) -> dict:
     """Model `steps` iterations of one mode ("reference": every switch off, reference ops; "fast": the default
     switches with the fused (triton) ops). Returns per-iteration tallies, NFE and the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -355,7 +362,7 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
     models = build_models(cfg, torch.device("meta"))  # real modules, meta tensors: shapes only
     with contextlib.ExitStack() as stack:
         stack.enter_context(fused_ops_on_fake_tensors())
-        stack.enter_context(real_host_draws())
+        stack.enter_context(real_host_draws(length_from_host_generator))
         stack.enter_context(_patched(torch.nn.functional, "scaled_dot_product_attention", _flash_sdpa))
         stack.enter_context(fake)
         stack.enter_context(cost)
@@ -526,7 +533,8 @@ def main(argv=None) -> int:
     for preset, batch, layers, resolution, its, measured in configs:
         summary = {}
         for mode in modes:
-            summary[mode] = summarise(run_mode(preset, mode, its, batch, layers, resolution, args.set))
+            legacy = bool(measured and measured.get("config", {}).get("length_from_host_generator"))
+            summary[mode] = summarise(run_mode(preset, mode, its, batch, layers, resolution, args.set, legacy))
         title = (f"{preset} {resolution} px, {layers if layers is not None else 'all'} layers, batch {batch}, "
                  f"iterations {its[0]}-{its[-1]}")
         print("\n".join(["", *table(list(summary.values()), title)]))
@@ -538,7 +546,8 @@ def main(argv=None) -> int:
         if measured:
             print("\n".join(["", "measured (RESULTS_gpu.md / bench_step JSON) vs predicted:",
                              *compare_lines(summary, measured)]))
-        out.append({"preset": preset, "batch": batch, "layers": layers, "resolution": resolution, "steps": its,
+        out.append({"figure": "cost_model", "preset": preset, "batch": batch, "layers": layers,
+                    "resolution": resolution, "steps": its,
                     "summary": summary, "measured": measured, "computed_peak_gib": computed})
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
