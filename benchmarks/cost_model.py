@@ -109,13 +109,14 @@ class Tally:
     by_kind: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # predicted seconds per kind
     flops_by_pass: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # fwd / fwd no-grad / bwd
     seconds_by_pass: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    seconds_by_pass_kind: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
     fused_bytes: float = 0.0
     fused_launches: int = 0
 
     def add(self, other: Tally) -> None:
         for f in ("flops", "bytes", "launches", "syncs", "seconds", "fused_bytes", "fused_launches"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
-        for name in ("by_kind", "flops_by_pass", "seconds_by_pass"):
+        for name in ("by_kind", "flops_by_pass", "seconds_by_pass", "seconds_by_pass_kind"):
             for k, v in getattr(other, name).items():
                 getattr(self, name)[k] += v
 
@@ -194,6 +195,7 @@ class CostMode(torch.utils._python_dispatch.TorchDispatchMode):
         tally.by_kind[kind] += seconds
         tally.flops_by_pass[pass_] += flops
         tally.seconds_by_pass[pass_] += seconds
+        tally.seconds_by_pass_kind[f"{pass_} | {kind}"] += seconds
         if kind == "fused op":
             tally.fused_bytes += nbytes
             tally.fused_launches += 1
@@ -411,6 +413,7 @@ def summarise(result: dict) -> dict:
         "ms_by_kind": {k: v / n * 1e3 for k, v in sorted(total.by_kind.items())},
         "tflop_by_pass": {k: v / n / 1e12 for k, v in sorted(total.flops_by_pass.items())},
         "ms_by_pass": {k: v / n * 1e3 for k, v in sorted(total.seconds_by_pass.items())},
+        "ms_by_pass_kind": {k: v / n * 1e3 for k, v in sorted(total.seconds_by_pass_kind.items())},
         "phase_tflop": {p: statistics.fmean(it["tallies"][p].flops for it in its) / 1e12 for p in PHASES},
         "phase_launches": {p: statistics.fmean(it["tallies"][p].launches for it in its) for p in PHASES},
         "peak_gib": result["peak_gib"], "peak_phase": result["peak_phase"], "build_gib": result["build_gib"],
@@ -445,6 +448,42 @@ def table(rows: list[dict], title: str) -> list[str]:
     lines.append("")
     lines.append("Predicted ms by kind (per iteration): " + "; ".join(
         f"{s['mode']}: " + ", ".join(f"{k} {v:.1f}" for k, v in s["ms_by_kind"].items()) for s in rows))
+    return lines
+
+
+def scenario_lines(summary: dict[str, dict]) -> list[str]:
+    """What-ifs on the fast mode's modelled time (per iteration, sum over the modelled iterations' mean)."""
+    if "fast" not in summary:
+        return []
+    f = summary["fast"]
+    pk = f["ms_by_pass_kind"]
+    total = sum(pk.values())
+
+    def part(pass_=None, kind=None):
+        return sum(v for k, v in pk.items() if (pass_ is None or k.startswith(pass_ + " |"))
+                   and (kind is None or k.endswith("| " + kind)))
+
+    no_grad_mm = part("forward no-grad", "matmul")
+    fp8_mm = no_grad_mm * (1 - MATMUL_TFLOPS / FP8_MATMUL_TFLOPS)
+    ew = part(kind="elementwise / reduction / optimizer")
+    rollout = f["phase_ms"]["rollout"] / max(1e-9, sum(f["phase_ms"].values())) * total
+    lines = ["| what-if on the fast mode (modelled, mean per iteration) | ms saved | modelled ms "
+             "| vs reference (mean) |",
+             "|---|---|---|---|"]
+    ref = summary.get("reference", {}).get("ms_by_pass_kind")
+    ref_total = sum(ref.values()) if ref else None
+
+    def row(name, saved):
+        left = total - saved
+        vs = f"{ref_total / left:.2f}x" if ref_total else "-"
+        lines.append(f"| {name} | {saved:.1f} | {left:.1f} | {vs} |")
+
+    row("fast mode as modelled", 0.0)
+    row("FP8 matmuls in every no-grad forward (1,262 vs 762.6 TFLOP/s)", fp8_mm)
+    row("elementwise / norm / optimizer traffic halved (fusion, e.g. compiled blocks)", ew / 2)
+    row("both", fp8_mm + ew / 2)
+    row("no rollout at all (the NFE floor: fake + student steps only)", rollout)
+    row("both + no rollout", fp8_mm + ew / 2 + rollout * (1 - (fp8_mm + ew / 2) / total))
     return lines
 
 
@@ -543,6 +582,7 @@ def main(argv=None) -> int:
             pairs = [f"{m}: {summary[m]['peak_gib']:.1f} vs {computed[m]:.1f} GiB" for m in summary if m in computed]
             print("\npeak live memory, this model vs memory_distributed.bench_peak_gib (one trainer): "
                   + "; ".join(pairs))
+        print("\n".join(["", *scenario_lines(summary)]))
         if measured:
             print("\n".join(["", "measured (RESULTS_gpu.md / bench_step JSON) vs predicted:",
                              *compare_lines(summary, measured)]))
