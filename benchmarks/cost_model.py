@@ -157,6 +157,8 @@ class CostMode(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
+            return func(*args, **kwargs)  # real_host_draws: host-side draws on real tensors, not modelled
         name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
         namespace = getattr(func, "namespace", "aten")
         tally = self.tallies[self.phase]
