@@ -125,3 +125,29 @@ print(json.dumps({{"peak_gib": s["peak_gib"], "maxrss_gib": resource.getrusage(r
     # rollout >= B, fake step B, student 2B, teacher 4B, fake teacher 2B
     assert out["tflop"] > 1.0 and out["nfe"] >= 2 + 2 + 4 + 8 + 4
     assert out["syncs"] == 2  # the two non-finite checks (fake and student optimizer steps)
+
+
+def test_modelled_iterations_are_the_real_ones():
+    """The fake run draws exactly what training draws (schedule length N, indices): its NFE and N equal a real
+    tiny Trainer's; with length_from_host_generator, N is the host generator's draw (the measured run's code)."""
+    from cdm_train.config import make_config
+    from cdm_train.rng import step_random
+    from cdm_train.rollout import draw_schedule
+    from cdm_train.trainer import Trainer
+
+    steps = [3, 4]
+    over = cm.config_overrides("tiny", 4, None, 1024)
+    modelled = cm.run_mode("tiny", "fast", steps, 4, None, 1024)["iterations"]
+    tr = Trainer(make_config("tiny", overrides=[o for o in over if not o.startswith("train.out_dir")]
+                             + ["train.out_dir=/nonexistent/cost-model-test", "speed.backend=reference"]))
+    for k, it in zip(steps, modelled):
+        tr.step = k
+        before = tr.counters["nfe_total"]
+        stats = tr.train_step()
+        assert (it["nfe"], it["rollout_steps"]) == (tr.counters["nfe_total"] - before, stats["rollout_steps"])
+    legacy = cm.run_mode("tiny", "reference", steps, 4, None, 1024, None, True)["iterations"]
+    cfg = make_config("tiny", overrides=over)
+    for k, it in zip(steps, legacy):
+        n = len(draw_schedule(cfg.schedule, step_random(cfg.train.seed, 0, k, torch.device("cpu")).host, None)) - 1
+        assert it["rollout_steps"] == n
+        assert it["nfe"] == 4 * n + 4 + 3 * 4 + 4 * 4 + 2 * 4  # reference: every row every step, no shared forward
