@@ -357,7 +357,7 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
     cfg = make_config(preset, overrides=config_overrides(preset, batch, layers, resolution) + list(extra or []))
     if mode_name == "reference":
         reference_mode(cfg)
-    else:
+    elif cfg.speed.backend == "auto":  # what auto picks on a GPU (an explicit --set speed.backend=... stays)
         cfg.speed.backend = "triton"
     model = "flux" if preset.startswith("flux") else "sd3"
     cost = CostMode(attention_tflops(model))
