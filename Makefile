@@ -51,8 +51,8 @@ $(TRITON_SIDE_DIR)/.installed:
 	touch $@
 
 compile-check: $(STAMP) $(TRITON_SIDE_DIR)/.installed
-	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) -m cdm_kernels.compile_check --quick $(COMPILE_CHECK_ARCHS)
-	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_SIDE_DIR) $(PY) -m cdm_kernels.compile_check --quick $(COMPILE_CHECK_ARCHS)
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) -m cdm_kernels.compile_check --quick --report $(COMPILE_CHECK_ARCHS)
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_SIDE_DIR) $(PY) -m cdm_kernels.compile_check --quick --report $(COMPILE_CHECK_ARCHS)
 
 test: $(STAMP) lint compile-check
 	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS) $(PYTEST_PATHS)

@@ -122,5 +122,13 @@ if [ "$DRY" = 0 ]; then
     --ops renoise,flow_matching --providers "triton,compile(reference)" \
     --json "$OUT/bench_ops_compile_seeded.json"
 fi
+# Measured vs predicted (benchmarks/cost_model.py: the same iterations on fake tensors, H200 roofline). CPU only,
+# after every GPU step so it never takes their time; not a step (no GPU figure), its own short timeout.
+if [ "$HAS_DIFFUSERS" = 1 ] && [ -f "$OUT/bench_step.json" ]; then
+  if [ "$DRY" = 1 ]; then CM_STEPS=1-2; else CM_STEPS=3-10; fi  # bench_step's timed iterations (--warmup, --iters)
+  timeout 180 "$PY" benchmarks/cost_model.py --compare "$OUT/bench_step.json" --steps "$CM_STEPS" \
+    --json "$OUT/cost_model.json" > "$OUT/cost_model.log" 2>&1 \
+    && sed -n '/measured (RESULTS_gpu.md/,$p' "$OUT/cost_model.log" || echo "[cost_model] failed: $OUT/cost_model.log"
+fi
 "$PY" benchmarks/gpu_checks.py summary --dir "$OUT"
 echo "done in $(( $(date +%s) - START )) s; results in $OUT (summary.json)"

@@ -231,23 +231,37 @@ FP8_KERNELS = ("_quantize_qkv_kernel", "_fp8_attention_fwd_kernel")
 FP8_MIN_ARCH = 89  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hopper); sm_80 takes the INT8-QK kernel instead
 
 _WORK: list[tuple] = []  # (arch, fn, args, kwargs, bound_args, specialization, options): read by forked workers
+# The machine-code report (--report): the settings whose kernels get a SASS analysis, the _WORK indices
+# they use (with the shapes reaching each), and whether the forked workers analyse what they compile.
+REPORT_SETTINGS = ("sd3-1024 B=16 ", "flux-1024 B=16 ", "video ", "fp8-attention ", "int8-attention ")
+_ANCHORS: dict[int, set[str]] = {}
+_REPORT = [False]
 
 
-def _compile_one(index: int) -> str | None:
+def _compile_one(index: int) -> tuple[str | None, dict | None]:
+    """(compiler error or None, machine-code description when the report is on)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
+
+    from . import machine_code
 
     arch, fn, kwargs, bound_args, specialization, options = _WORK[index]
     target = GPUTarget("cuda", arch, 32)
     try:
         backend = make_backend(target)
         opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-        triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
-        return None
+
+        def compile_it():
+            return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
+
+        if not _REPORT[0]:
+            compile_it()
+            return None, None
+        return None, machine_code.analyse(compile_it, want_text=index in _ANCHORS)
     except Exception as exc:  # the compiler's own error: reported, and the check goes on
         lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
-        return " | ".join(lines[:4])[:500]
+        return " | ".join(lines[:4])[:500], None
 
 
 def _specialisation_degree(fn, specialization) -> tuple[tuple, int]:
@@ -286,14 +300,22 @@ def _extremes(work: list[tuple]) -> list[int]:
     return sorted({index for pair in best.values() for _degree, index in pair})
 
 
+def _shape_of(setting: str) -> str:
+    """'sd3-1024 B=16 bfloat16; BLOCK=1024' -> 'sd3-1024 B=16' (the dtype is in the kernel's variant)."""
+    words = setting.split(";")[0].split()
+    return " ".join(w for w in words if w not in ("float32", "bfloat16", "float16"))
+
+
 def plan(launches: list[Launch], archs: list[int], force_fp8: bool = False,
-         extremes_only: bool = False) -> tuple[list[tuple[int, int, str]], int]:
+         extremes_only: bool = False, report: bool = False) -> tuple[list[tuple[int, int, str]], int]:
     """Fill _WORK with each distinct (arch, kernel, specialisation) to compile, as the JIT's binder
     derives it from the recorded arguments for a CUDA target.
 
     extremes_only (the quick mode): of the specialisations sharing a kernel's constexprs and argument
     types, keep only the most and the least specialised (alignment, divisibility, ==1), which bound
     the code the compiler sees; every constexpr combination (finalize tiles, reductions, flags) stays.
+
+    report: also fill _ANCHORS with the entries the REPORT_SETTINGS use, and keep them in the quick mode.
 
     Returns (uses: (work index, arch, setting) per launch compiled, FP8 launches skipped).
     """
@@ -323,11 +345,19 @@ def plan(launches: list[Launch], archs: list[int], force_fp8: bool = False,
                 first[key] = len(_WORK)
                 _WORK.append((arch, fn, kwargs, bound_args, specialization, options))
             uses.append((first[key], arch, launch.setting))
+    _ANCHORS.clear()
+    if report:
+        for index, _arch, setting in uses:
+            if setting.startswith(REPORT_SETTINGS):
+                _ANCHORS.setdefault(index, set()).add(_shape_of(setting))
     if extremes_only:
-        keep = _extremes(_WORK)
+        keep = sorted(set(_extremes(_WORK)) | set(_ANCHORS))
         remap = {old: new for new, old in enumerate(keep)}
         _WORK[:] = [_WORK[i] for i in keep]
         uses = [(remap[i], arch, setting) for i, arch, setting in uses if i in remap]
+        anchors = {remap[i]: shapes for i, shapes in _ANCHORS.items()}
+        _ANCHORS.clear()
+        _ANCHORS.update(anchors)
     return uses, skipped
 
 
@@ -336,26 +366,83 @@ def planned_groups() -> set[tuple]:
     return {(w[0], w[1].__name__, _specialisation_degree(w[1], w[4])[0]) for w in _WORK}
 
 
-def compile_all(launches: list[Launch], archs: list[int], jobs: int,
-                force_fp8: bool = False, extremes_only: bool = False) -> tuple[int, int, list[str]]:
+def compile_all(launches: list[Launch], archs: list[int], jobs: int, force_fp8: bool = False,
+                extremes_only: bool = False, report: bool = False) -> tuple[int, int, list[str], list]:
     """Compile what `plan` selects, in `jobs` forked processes.
 
-    Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting).
+    Returns (distinct compilations, skipped, failure lines: one per failing kernel and setting,
+    machine-code descriptions per _WORK entry when `report`, else Nones).
     """
-    uses, skipped = plan(launches, archs, force_fp8, extremes_only)
-    if jobs > 1 and len(_WORK) > 1:
-        import multiprocessing
+    uses, skipped = plan(launches, archs, force_fp8, extremes_only, report)
+    _REPORT[0] = report
+    try:
+        if jobs > 1 and len(_WORK) > 1:
+            import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            errors = pool.map(_compile_one, range(len(_WORK)), chunksize=4)
-    else:
-        errors = [_compile_one(i) for i in range(len(_WORK))]
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                results = pool.map(_compile_one, range(len(_WORK)), chunksize=4)
+        else:
+            results = [_compile_one(i) for i in range(len(_WORK))]
+    finally:
+        _REPORT[0] = False
+    errors = [r[0] for r in results]
     failures, reported = [], set()
     for index, arch, setting in uses:
         if errors[index] is not None and (index, setting) not in reported:
             reported.add((index, setting))
             failures.append(f"FAIL sm_{arch} {_WORK[index][1].__name__} [{setting}]: {errors[index]}")
-    return len(_WORK), skipped, failures
+    return len(_WORK), skipped, failures, [r[1] for r in results]
+
+
+def machine_code_report(infos: list, md_path: str | None) -> tuple[list[str], list[str]]:
+    """Gate every compiled kernel (spills) and the REPORT_SETTINGS' kernels (access widths, QGMMA).
+
+    Returns (failure lines, summary lines); writes the markdown table to md_path when given.
+    """
+    import triton
+
+    from . import machine_code as mc
+
+    stats: dict[int, mc.SassStats] = {}
+    for arch in sorted({w[0] for w in _WORK}):
+        # the real shapes' kernels, and any kernel that spills (its SASS tells whether the spill is hot)
+        idx = [i for i, info in enumerate(infos) if _WORK[i][0] == arch and info is not None and "text" in info]
+        for i, sass in zip(idx, mc.disassemble_many(arch, [infos[i]["text"] for i in idx])):
+            stats[i] = mc.sass_stats(sass)
+    failures, rows = [], {}
+    for i, info in enumerate(infos):
+        if info is None:  # a compile failure, reported already
+            continue
+        arch, fn, _kw, _bound, spec, _opts = _WORK[i]
+        label = mc.kernel_label(fn)
+        pointers = [s for p, s in zip(fn.params, spec) if not p.is_constexpr and str(s[0]).startswith("*")]
+        aligned = all("D" in str(s[1]) for s in pointers)
+        for msg in mc.gate(label, arch, info, stats.get(i), aligned and i in _ANCHORS):
+            failures.append(f"FAIL sm_{arch} {label} [{mc.variant_label(fn, spec, pointers[0][0])}]: {msg}")
+        if i in _ANCHORS:
+            key = (label, mc.variant_label(fn, spec, pointers[0][0] if pointers else ""), arch)
+            row = rows.setdefault(key, mc.Row())
+            for shape in sorted(_ANCHORS[i]):
+                row.add(info, stats.get(i), shape)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(mc.markdown_table(rows, triton.__version__))
+    analysed = [info for info in infos if info is not None]
+    stacks = sorted({(mc.kernel_label(_WORK[i][1]), info["stack"]) for i, info in enumerate(infos)
+                     if info is not None and info["stack"]})
+    spill_bytes = {i: info["spill_stores"] + info["spill_loads"] for i, info in enumerate(infos) if info is not None}
+    spills = sorted({(mc.kernel_label(_WORK[i][1]), _WORK[i][0], b) for i, b in spill_bytes.items() if b})
+    summary = [
+        f"machine code: {len(analysed)} kernels analysed, {len(stats)} disassembled at the real shapes; "
+        f"max {max((x['regs'] for x in analysed), default=0)} registers; "
+        f"spills: {', '.join(f'{k} sm_{a} {b} B' for k, a, b in spills) or 'none'}; "
+        f"stack frames: {', '.join(f'{k} {s} B' for k, s in stacks) or 'none'}",
+    ]
+    known = [f"{k} sm_{a} {b} B" for k, a, b in spills if b <= mc.known_spill_bytes(k, a)]
+    if known:
+        summary.append(f"machine code: accepted spills (machine_code.KNOWN_SPILLS, explained there): "
+                       f"{', '.join(known)}")
+    return failures, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # a handful: the checker's own test
     parser.add_argument("--force-fp8", action="store_true",
                         help="also compile the FP8 attention kernels below sm_89 (they must fail: a self-test)")
+    parser.add_argument("--report", action="store_true",
+                        help="machine-code report: registers, stack, spills, shared memory, SASS access widths and "
+                             "matrix instructions; fails on a spill, a hot kernel without 128-bit accesses at the real "
+                             "shapes, FP8 attention without QGMMA on sm_90")
+    parser.add_argument("--report-md", metavar="PATH", help="with --report: write the per-kernel table (markdown)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     args = parser.parse_args(argv)
     archs = args.arch or [80, 89, 90]
@@ -377,9 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     launches, failures = collect("smoke" if args.smoke else "quick" if args.quick else "full")
     kernels = sorted({launch.fn.__name__ for launch in launches})
-    compiled, skipped, compile_failures = compile_all(launches, archs, max(1, args.jobs), args.force_fp8,
-                                                      extremes_only=args.quick or args.smoke)
+    if args.report_md and not args.report:
+        parser.error("--report-md needs --report")
+    compiled, skipped, compile_failures, infos = compile_all(launches, archs, max(1, args.jobs), args.force_fp8,
+                                                             extremes_only=args.quick or args.smoke,
+                                                             report=args.report)
     failures.extend(compile_failures)
+    if args.report:
+        report_failures, summary = machine_code_report(infos, args.report_md)
+        failures.extend(report_failures)
+        for line in summary:
+            print(line)
     for line in failures:
         print(line)
     elapsed = time.perf_counter() - start

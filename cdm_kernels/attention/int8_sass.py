@@ -38,8 +38,11 @@ def sass(cubin: bytes, tool: str) -> str:
 
 
 def mma_counts(sass_text: str) -> dict[str, int]:
-    """Tensor-core opcodes (IMMA, HMMA, HGMMA, IGMMA, ...) and how often each occurs."""
-    ops = re.findall(r"\b([A-Z]*MMA)(?:\.[A-Z0-9.]+)?\b", sass_text)
+    """Tensor-core opcodes (IMMA, HMMA, HGMMA, IGMMA, ...) and how often each occurs.
+
+    Opcodes only: the `.MMA` modifier of other instructions (`HFMA2.MMA`: an FMA issued on the MMA pipe) is not one.
+    """
+    ops = re.findall(r"(?<![.\w])([A-Z]*MMA)(?:\.[A-Z0-9.]+)?\b", sass_text)
     return dict(collections.Counter(ops))
 
 
