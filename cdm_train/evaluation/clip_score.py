@@ -1,10 +1,11 @@
 """CLIP score of (image, prompt) pairs with transformers' CLIPModel and CLIPProcessor from a LOCAL directory.
 
 Per pair: the cosine similarity of CLIP's projected image and text embeddings. Reported as
-``clip_score`` = mean of 100 * max(cosine, 0) (torchmetrics' CLIPScore definition; the common one in
-papers) and ``clip_cosine`` = the mean cosine itself (the official CDM scorer's logits_per_image / 100 for
-a CLIP whose logit scale is 100, e.g. openai/clip-vit-large-patch14). Prompts longer than the text
-encoder's positions are truncated, as torchmetrics does.
+``clip_score`` = max(100 * mean cosine, 0), exactly what torchmetrics' CLIPScore computes (it clamps the
+mean, not each pair; for a trained CLIP the cosines are positive and the two agree), and ``clip_cosine`` =
+the mean cosine (the official CDM scorer's logits_per_image / 100 for a CLIP whose logit scale is 100,
+e.g. openai/clip-vit-large-patch14). Prompts longer than the text encoder's positions are truncated, as
+torchmetrics does.
 """
 
 from __future__ import annotations
@@ -53,4 +54,4 @@ class ClipScorer:
 
 def clip_summary(cosines: np.ndarray) -> dict[str, float]:
     cos = np.asarray(cosines, np.float64)
-    return {"clip_score": float((100.0 * np.clip(cos, 0.0, None)).mean()), "clip_cosine": float(cos.mean())}
+    return {"clip_score": max(100.0 * float(cos.mean()), 0.0), "clip_cosine": float(cos.mean())}

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -100,7 +101,9 @@ class InceptionFeatures:
         if _is_torchscript(self.path):
             self.format = "torchscript"
             try:
-                self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+                with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the published file is one
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
             except Exception as exc:  # torch raises RuntimeError subclasses with long C++ traces
                 raise EvalInputError(f"--inception: {str(self.path)!r} is not a loadable TorchScript file "
                                      f"({str(exc).splitlines()[0]})") from None

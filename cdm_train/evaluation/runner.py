@@ -215,7 +215,8 @@ def _markdown(report: dict) -> str:
         lines += [f"FID: Inception `{report['fid']['inception']}` ({report['fid']['format']}), reference {src}"
                   + ("; statistics from the cache" if ref.get("cached") else "") + ".", ""]
     if report.get("clip"):
-        lines += [f"CLIP: `{report['clip']['model']}`; clip_score = mean 100 max(cos, 0), clip_cosine = mean cos.",
+        lines += [f"CLIP: `{report['clip']['model']}`; clip_score = max(100 mean cos, 0) (torchmetrics' "
+                  "CLIPScore), clip_cosine = mean cos.",
                   ""]
     lines += ["| row | steps | sigmas | guidance | FID | CLIP score | CLIP cosine | N | non-finite | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|"]
