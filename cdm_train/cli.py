@@ -2,6 +2,8 @@
 
     cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH]]
     cdm-train sample --checkpoint RUN_DIR_OR_FILE [--steps 4] [--num 16] [--out FILE.png]
+    cdm-train eval (--checkpoint RUN | --pipeline DIR) --prompts FILE [--num 1000] [--inception FILE
+                   (--reference DIR | --reference-stats FILE.npz)] [--clip DIR] [--teacher DIR] [--out DIR]
     cdm-train demo [--out DIR] [--quick]
     cdm-train train-teacher [--out FILE] [--steps N] [--seed S]
     cdm-train config [--preset NAME] [--config FILE] [--set key=value ...]
@@ -30,6 +32,41 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="YAML file with sections model/schedule/loss/optim/speed/train (see README)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=20 (repeatable; applied last)")
+
+
+def _eval_args(sub) -> None:
+    v = sub.add_parser("eval", help="FID and CLIP score of N student samples against your own images",
+                       description="Sample N prompts (cycled; seeds from MD5 of the prompt, as the official "
+                       "evaluation) with a run's student or an exported pipeline, then FID against a folder of your "
+                       "images (or precomputed statistics) with a LOCAL Inception file, and CLIP score with a LOCAL "
+                       "CLIP directory. Writes report.md, report.json and samples.png to --out. Reference "
+                       "statistics are cached. Under torchrun the samples are split across ranks.")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory or checkpoint file (its model.path needs text encoders)")
+    src.add_argument("--pipeline", help="a pipeline directory written by `cdm-train export`")
+    v.add_argument("--prompts", required=True, help="text file, one prompt per line, or JSONL {\"prompt\": ...}")
+    v.add_argument("--num", type=int, default=1000, help="number of samples N (default 1000)")
+    v.add_argument("--steps", type=int, default=None,
+                   help="student steps (default: the trained schedule; another count: uniform sigmas, shifted)")
+    v.add_argument("--weights", choices=["ema", "student"], default="ema", help="--checkpoint weights (default ema)")
+    v.add_argument("--inception", default=None, metavar="FILE",
+                   help="Inception-v3 weights for FID: TorchScript inception-2015-12-05.pt (clean-fid / StyleGAN), "
+                        "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needs torch-fidelity)")
+    ref = v.add_mutually_exclusive_group()
+    ref.add_argument("--reference", default=None, metavar="DIR", help="folder of your reference images (>= N)")
+    ref.add_argument("--reference-stats", default=None, metavar="FILE.npz", help="precomputed mu/sigma statistics")
+    v.add_argument("--max-reference", type=int, default=None, help="use the first K reference images (sorted)")
+    v.add_argument("--stats-cache", default=None, metavar="DIR",
+                   help="reference statistics cache (default ~/.cache/cdm-kernels/fid-stats; '' to disable)")
+    v.add_argument("--clip", default=None, metavar="DIR", help="local CLIP model directory (transformers format)")
+    v.add_argument("--teacher", default=None, metavar="DIR",
+                   help="baseline row: a teacher diffusers pipeline directory, sampled at its own scheduler")
+    v.add_argument("--teacher-steps", type=int, default=50, help="teacher steps (default 50, as the official)")
+    v.add_argument("--teacher-guidance", type=float, default=4.5, help="teacher CFG (default 4.5, as the official)")
+    v.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    v.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)")
+    v.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symlink the teacher's other components (text encoders, VAE) instead of copying them")
     x.add_argument("--lora-rank", type=int, default=None,
                    help="--format lora of a full student: rank of the SVD-extracted LoRA (default lora.rank)")
+
+    _eval_args(sub)
 
     d = sub.add_parser("demo", help="the embedded default: digits teacher -> 4-step student, with a quality report")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -253,6 +292,20 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation.runner import EvalOptions, evaluate
+
+    opts = EvalOptions(**{k: getattr(args, k) for k in EvalOptions.__dataclass_fields__ if k != "progress"},
+                       progress=not args.no_progress)
+    report = evaluate(opts)
+    for row in report.get("rows", []):
+        metrics = ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "clip_score") if row.get(k) is not None)
+        print(f"{row['name']}: {metrics} (N {row['num']}, {row['steps']} steps)")
+    if report:
+        print(f"wrote {Path(args.out) / 'report.md'} and report.json")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -309,7 +362,7 @@ def cmd_encode_prompts(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo, "train-teacher": cmd_train_teacher,
-            "config": cmd_config, "encode-prompts": cmd_encode_prompts, "export": cmd_export}
+            "config": cmd_config, "encode-prompts": cmd_encode_prompts, "export": cmd_export, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

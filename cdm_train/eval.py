@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .digits.data import NUM_CLASSES, DigitsSplit, balanced_labels, load_digits_split
+from .evaluation.frechet import frechet_distance  # the package's one Frechet distance (also `cdm-train eval`)
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_CLASSIFIER_PATH = ASSET_DIR / "digits_classifier.pt"
@@ -107,22 +108,6 @@ def _fit_classifier(split: DigitsSplit, epochs: int, seed: int, batch_size: int,
             opt.step()
         sched.step()
     return model.eval()
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), in float64.
-
-    tr((C_a C_b)^(1/2)) = sum of sqrt(eig(A^(1/2) C_b A^(1/2))) with A^(1/2) the symmetric root of C_a:
-    symmetric eigenproblems only, so no complex round-off from scipy.linalg.sqrtm.
-    """
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, q = np.linalg.eigh(cov_a)
-    root_a = (q * np.sqrt(np.clip(w, 0.0, None))) @ q.T
-    middle = root_a @ cov_b @ root_a
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_sqrt)
 
 
 def _save_classifier(model: DigitClassifier, heldout_accuracy: float, path: Path) -> None:
