@@ -167,7 +167,8 @@ def test_torchscript_inception_features_and_bad_files(inception_file, tmp_path):
     assert x.shape == (1, 3, 299, 299)
     with torch.no_grad():
         direct = net(x, return_features=True)[0].double().numpy()
-    np.testing.assert_allclose(out[5], direct, rtol=1e-6, atol=1e-6)
+    # batch of 6 vs batch of 1: the CPU matmul may block the reduction differently (seen once at 1e-6)
+    np.testing.assert_allclose(out[5], direct, rtol=1e-5, atol=1e-5 * float(np.abs(direct).max()))
     with pytest.raises(EvalInputError, match="does not exist"):
         InceptionFeatures(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pth"
@@ -332,9 +333,13 @@ def test_seeds_come_from_the_prompt_as_the_official_evaluation():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-from . import test_export as _export  # noqa: E402
+@pytest.fixture(scope="module")
+def sd3_text_pipeline_dir(tmp_path_factory):
+    """The tiny SD3 with text encoders (tests/helpers.py)."""
+    pytest.importorskip("transformers")
+    from .helpers import save_tiny_sd3_text_pipeline
 
-sd3_text_pipeline_dir = _export.sd3_text_pipeline_dir  # the tiny SD3 with text encoders (a module-scoped fixture)
+    return save_tiny_sd3_text_pipeline(tmp_path_factory.mktemp("sd3-text"))
 
 
 @pytest.fixture(scope="module")

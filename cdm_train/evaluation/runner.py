@@ -78,7 +78,7 @@ class _Shard:
 
     def __init__(self, device_name: str):
         from ..distributed import env_world_size
-        from ..presets import resolve_device
+        from ..models.build import resolve_device
 
         self.world = env_world_size()
         self.rank = int(os.environ.get("RANK", "0"))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..models import PIPELINE_CLASSES, family_of, family_of_pipeline
 from .errors import EvalInputError
 
 REPEAT_SEED_STRIDE = 7919
@@ -51,10 +52,9 @@ class RunSampler:
 
     def __init__(self, run: str | Path, *, ema: bool, steps: int | None, device: torch.device):
         from ..config import config_from_dict
-        from ..export import load_run, load_student, trained_sigmas
-        from ..presets import resolve_shift
-        from ..prompts import load_text_pipeline
-        from ..sample_images import prompt_max_sequence_length
+        from ..encode import load_text_pipeline
+        from ..models.build import resolve_shift
+        from ..runs import load_run, load_student, prompt_max_sequence_length, trained_sigmas
         from ..sampling import uniform_sigmas
 
         state = load_run(run)
@@ -79,13 +79,12 @@ class RunSampler:
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """(B, 3, H, W) float images in [-1, 1] on the CPU."""
-        from ..prompts import encode_batch
+        from ..encode import encode_batch
         from ..sampling import sample_euler
 
         cond = {k: v.float() for k, v in encode_batch(self.text, prompts, self.device,
                                                        max_sequence_length=self.max_sequence_length).items()}
-        if self.cfg.model.preset.startswith("flux"):  # the guidance embedding the student was trained with
-            cond["guidance"] = torch.full((len(prompts),), float(self.cfg.model.flux_guidance), device=self.device)
+        cond = family_of(self.cfg.model.preset).sampling_cond(self.cfg, cond)  # e.g. Flux's guidance embedding
         noise = seeded_noise(seeds, self.latent).to(self.device)
         latents = sample_euler(self.model, self.adapter, cond, noise, len(self.sigmas),
                                sigmas=list(self.sigmas) + [0.0], shift=self.shift)
@@ -111,9 +110,7 @@ class PipelineSampler:
 
     def __init__(self, root: str | Path, *, steps: int | None, guidance: float | None, device: torch.device,
                  role: str = "student"):
-        from diffusers import DiffusionPipeline
-
-        from ..export import META_NAME
+        from ..runs import META_NAME
         from ..sampling import uniform_sigmas
 
         self.root = Path(root)
@@ -132,11 +129,15 @@ class PipelineSampler:
             sigmas = meta["sigmas"] if steps is None or steps == len(meta["sigmas"]) else uniform_sigmas(steps)[:-1]
             self.kwargs = {"sigmas": list(sigmas), "num_inference_steps": len(sigmas),
                            "guidance_scale": meta.get("guidance_scale", 1.0) if guidance is None else guidance}
-            if meta.get("max_sequence_length"):
-                self.kwargs["max_sequence_length"] = meta["max_sequence_length"]
         else:
+            meta = {}
             self.kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
-        self.pipe = DiffusionPipeline.from_pretrained(str(self.root), torch_dtype=torch.float32).to(device)
+        name = json.loads((self.root / "model_index.json").read_text()).get("_class_name", "")
+        family = family_of_pipeline(name)
+        if family is None:
+            raise EvalInputError(f"{flag}: pipeline {name!r} is not supported ({', '.join(PIPELINE_CLASSES)})")
+        self.kwargs.update(family.pipeline_call_kwargs(meta))  # e.g. the T5 length the student's embeddings had
+        self.pipe = family.load_pipeline(self.root, torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.info = {"source": "pipeline" if role == "student" else "teacher", "path": str(self.root.resolve()),
                      "steps": self.kwargs["num_inference_steps"], "sigmas": self.kwargs.get("sigmas"),
