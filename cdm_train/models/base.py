@@ -10,7 +10,6 @@ transformer it is: adding Qwen-Image or Wan means one new file here plus its tes
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,10 +190,6 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = x.shape
     c = d // 4
     return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @contextlib.contextmanager
