@@ -262,19 +262,10 @@ def to_fake(obj, fake_mode, device: torch.device, depth: int = 0):
 @contextlib.contextmanager
 def fused_ops_on_fake_tensors():
     """The triton backend "supports" the fake CPU tensors: its custom ops then run their fake (meta) kernels."""
-    from cdm_kernels import backend
-    from cdm_kernels.backend import _Impl
+    from cdm_kernels.backend import accepting_any_device
 
-    backend._load_accelerated()
-    impls = backend._IMPLS["triton"]
-    saved = dict(impls)
-    for op, impl in saved.items():
-        impls[op] = _Impl(impl.fn, lambda device, dtype: True)
-    try:
+    with accepting_any_device("triton"):
         yield
-    finally:
-        impls.clear()
-        impls.update(saved)
 
 
 @contextlib.contextmanager

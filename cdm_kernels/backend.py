@@ -87,6 +87,23 @@ def use_backend(name: str):
         _state["backend"] = previous
 
 
+@contextlib.contextmanager
+def accepting_any_device(name: str):
+    """Backend `name`'s ops accept tensors on any device and dtype (CPU, fake) while this is active: for
+    recording kernels ahead of time (compile_check) or running their fake kernels (the cost model), never for
+    real launches."""
+    _load_accelerated()
+    impls = _IMPLS[name]
+    saved = dict(impls)
+    for op, impl in saved.items():
+        impls[op] = _Impl(impl.fn, lambda device, dtype: True)
+    try:
+        yield
+    finally:
+        impls.clear()
+        impls.update(saved)
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The implementation of `op` for inputs on `device` with `dtype` under the current backend."""
     name = _state["backend"]

@@ -17,7 +17,7 @@ import torch
 
 from ..cond import Cond
 from ..errors import ConfigError
-from ..schedule import Shift, shift_from_scheduler_config
+from ..schedule import Shift, flux_mu, shift_from_scheduler_config
 
 if TYPE_CHECKING:  # annotations only: the families never import the config machinery
     from ..config import Config
@@ -96,6 +96,30 @@ class ModelFamily:
         shift = vae.config.shift_factor or 0.0
         with torch.no_grad():
             return vae.decode(latents.float() / scale + shift).sample.clamp(-1, 1)
+
+
+class PackedLatentFamily(ModelFamily):
+    """Flux-like families: 2x2-packed latent tokens and a dynamic shift whose mu grows with the image token
+    count (diffusers' calculate_shift). Only the preset on a model directory reads its scheduler config; the
+    random-init presets use diffusers' defaults."""
+
+    directory_preset = ""  # the preset that loads model.path
+    tiny_preset = ""
+    tiny_side = 8  # the tiny preset's latent side
+
+    def latent_side(self, cfg: Config) -> int:
+        return self.tiny_side if cfg.model.preset == self.tiny_preset else cfg.model.resolution // 8
+
+    def image_seq_len(self, cfg: Config) -> int:
+        return (self.latent_side(cfg) // 2) ** 2
+
+    def shift(self, cfg: Config) -> Shift:
+        if cfg.model.preset != self.directory_preset:
+            return self.default_shift(cfg)
+        return super().shift(cfg)
+
+    def default_shift(self, cfg: Config) -> Shift:
+        return Shift(mu=flux_mu(self.image_seq_len(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ shared pieces

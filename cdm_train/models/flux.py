@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..cond import Cond, cond_batch_size
-from ..schedule import Shift, flux_mu
 from .base import (
-    ModelFamily,
+    PackedLatentFamily,
     PromptBank,
     pack_latents,
     prompt_source,
@@ -109,8 +108,9 @@ class WithGuidance:
         return self._add(self.sampler.take(rows))
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(PackedLatentFamily):
     name = "flux"
+    directory_preset, tiny_preset, tiny_side = "flux", "flux-tiny", FLUX_TINY_SIDE
     presets = {
         "flux": {  # a local diffusers Flux directory (model.path) + precomputed embeddings; dynamic shift
             "train": {"batch_size": 4, "log_every": 10, "checkpoint_every": 500},
@@ -131,20 +131,6 @@ class FluxFamily(ModelFamily):
     lora_attention_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
     lora_ff_targets = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-
-    def latent_side(self, cfg) -> int:
-        return FLUX_TINY_SIDE if cfg.model.preset == "flux-tiny" else cfg.model.resolution // 8
-
-    def image_seq_len(self, cfg) -> int:
-        return (self.latent_side(cfg) // 2) ** 2
-
-    def shift(self, cfg) -> Shift:
-        if cfg.model.preset != "flux":  # random-init presets: diffusers' defaults
-            return self.default_shift(cfg)
-        return super().shift(cfg)
-
-    def default_shift(self, cfg) -> Shift:
-        return Shift(mu=flux_mu(self.image_seq_len(cfg)))
 
     def build(self, cfg, device):
         from diffusers import FluxTransformer2DModel

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 
 from ..cond import cond_batch_size
-from ..schedule import Shift, flux_mu
 from .base import (
-    ModelFamily,
+    PackedLatentFamily,
     PromptBank,
     pack_latents,
     prompt_source,
@@ -112,8 +111,9 @@ class LongCatAdapter:
         return {k: v.to(cond[k].device).expand(b, *v.shape[1:]) for k, v in self.null_cond.items()}
 
 
-class LongCatFamily(ModelFamily):
+class LongCatFamily(PackedLatentFamily):
     name = "longcat"
+    directory_preset, tiny_preset, tiny_side = "longcat", "longcat-tiny", LONGCAT_TINY_SIDE
     presets = {
         "longcat": {  # config/config.py longcat(): batch 8, update ratio 2, lr 1e-5 / 5e-6 (defaults), 1024 px
             "optim": {"update_ratio": 2},
@@ -133,20 +133,6 @@ class LongCatFamily(ModelFamily):
     default_max_sequence_length = LONGCAT_TEXT_TOKENS
     lora_attention_targets = LONGCAT_TARGETS
     lora_ff_targets = LONGCAT_FF_TARGETS
-
-    def latent_side(self, cfg) -> int:
-        return LONGCAT_TINY_SIDE if cfg.model.preset == "longcat-tiny" else cfg.model.resolution // 8
-
-    def image_seq_len(self, cfg) -> int:
-        return (self.latent_side(cfg) // 2) ** 2
-
-    def shift(self, cfg) -> Shift:
-        if cfg.model.preset != "longcat":  # random-init presets: diffusers' calculate_shift defaults
-            return self.default_shift(cfg)
-        return super().shift(cfg)
-
-    def default_shift(self, cfg) -> Shift:
-        return Shift(mu=flux_mu(self.image_seq_len(cfg)))
 
     def build(self, cfg, device):
         from diffusers import LongCatImageTransformer2DModel
