@@ -53,7 +53,8 @@ def torchao_available() -> bool:
     return importlib.util.find_spec("torchao") is not None
 
 
-def plan_fp8_linears(model: torch.nn.Module, *, min_features: int = 512) -> tuple[list[str], dict[str, str]]:
+def plan_fp8_linears(model: torch.nn.Module, *, min_features: int = 512,
+                     require_bf16: bool = True) -> tuple[list[str], dict[str, str]]:
     """Which nn.Linear layers of `model` FP8 would replace: (eligible names, {skipped name: reason}).
 
     Pure inspection (no torchao, any device), so the selection is testable anywhere.
@@ -74,7 +75,7 @@ def plan_fp8_linears(model: torch.nn.Module, *, min_features: int = 512) -> tupl
             skipped[name] = f"{k} -> {n}: dims not divisible by 16"
         elif min(k, n) < min_features:
             skipped[name] = f"{k} -> {n}: thinner than {min_features}, bandwidth bound"
-        elif module.weight.dtype != torch.bfloat16:
+        elif require_bf16 and module.weight.dtype != torch.bfloat16:
             skipped[name] = f"weight dtype {module.weight.dtype}, row-wise FP8 needs bf16"
         else:
             eligible.append(name)
@@ -125,4 +126,54 @@ def quantize_frozen(model: torch.nn.Module, *, min_features: int = 512) -> FP8Li
     return report
 
 
-__all__ = ["quantize_frozen", "plan_fp8_linears", "FP8LinearReport", "torchao_available"]
+E4M3_MAX = 448.0
+
+
+def fake_quantize_rows_e4m3(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded as row-wise float8 e4m3 quantisation rounds it: one scale per row (amax / 448, in fp32),
+    a round-to-nearest-even cast to e4m3, and back to `t`'s dtype. What torchao's row-wise float8 does to a
+    weight (rows = output features) or an activation (rows = tokens) before ``torch._scaled_mm``."""
+    x = t.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return (q * scale).to(t.dtype)
+
+
+class _EmulatedFP8Linear:
+    """The forward of an nn.Linear with both operands rounded as torchao's row-wise float8 rounds them,
+    computed in the input's dtype (any device): FP8 linears' numerical effect without FP8 hardware."""
+
+    def __init__(self, module: torch.nn.Linear):
+        self.module = module
+        # The model is frozen: its weight is rounded once, as quantize_frozen quantises it once.
+        self.weight = fake_quantize_rows_e4m3(module.weight.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.to(x.dtype), self.module.bias
+        return torch.nn.functional.linear(fake_quantize_rows_e4m3(x), w, None if b is None else b.to(x.dtype))
+
+
+def emulate_fp8_linears(model: torch.nn.Module, *, min_features: int = 0) -> FP8LinearReport:
+    """quantize_frozen's row-wise float8 linears, emulated in PyTorch on any device (for measuring their effect
+    on quality without FP8 hardware, e.g. on the digits default). In place, frozen models only.
+
+    The selection is plan_fp8_linears' without the bf16 requirement, and min_features defaults to 0 so that
+    small models (the digits teacher is 64 wide) have layers to quantise: a harsher test than the real
+    selection, which leaves thin layers in bf16.
+    """
+    eligible, skipped = plan_fp8_linears(model, min_features=min_features, require_bf16=False)
+    modules = dict(model.named_modules())
+    trainable = [n for n in eligible if modules[n].weight.requires_grad]
+    if trainable:
+        raise ValueError(f"model: emulate_fp8_linears needs frozen weights, but {len(trainable)} linear layers "
+                         f"require grad (e.g. {trainable[0]!r}); call model.requires_grad_(False) first")
+    for name in eligible:
+        modules[name].forward = _EmulatedFP8Linear(modules[name])
+    report = FP8LinearReport(True, "emulated row-wise float8 e4m3 (PyTorch)", eligible, skipped)
+    log.info("cdm_kernels.emulate_fp8_linears: %s", report.summary())
+    return report
+
+
+__all__ = ["quantize_frozen", "emulate_fp8_linears", "fake_quantize_rows_e4m3", "plan_fp8_linears",
+           "FP8LinearReport", "torchao_available"]

@@ -11,6 +11,7 @@ Not official: `train.batch_size` (4 here; the official SD3 run uses 16 per GPU o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -106,6 +107,9 @@ class SpeedConfig:
     fp8_attention_fake: bool = False  # fake teacher: its no-grad scoring calls (its training step stays bf16)
     fp8_attention_rollout: bool = False  # student: the no-grad rollout (the student step stays bf16)
     fp8_linear_teacher: bool = False  # real teacher's linear layers via torchao float8 (sm_89+, else no-op)
+    # fp8_linear_teacher through a PyTorch emulation of the same row-wise e4m3 rounding (any device, every linear
+    # outside the AdaLN / embedders): for measuring FP8 linears' effect on quality without FP8 hardware.
+    fp8_linear_emulate: bool = False
     # The fp8_attention_* switches run the PyTorch twin of the FP8 kernel (same e4m3 roundings, any device and
     # head dim, slower than SDPA) instead of the kernel: for measuring FP8's effect on quality without a GPU.
     fp8_attention_emulate: bool = False
@@ -115,7 +119,10 @@ class SpeedConfig:
     # CUDA graphs, streams, compile (docs/graphs.md). Eager fallback on the CPU. Off by default.
     cuda_graphs_teacher: bool = False  # real teacher + fake no-grad scoring replayed as CUDA graphs (one per shape)
     overlap_teacher_calls: bool = False  # real and fake teacher at the same x_t concurrently on two streams
-    compile_student: bool = False  # regional torch.compile of the student's transformer blocks
+    # Regional torch.compile of the transformer blocks of every network and pass (student, fake teacher, real
+    # teacher, EMA); CPU too (inductor's C++ backend). Replaces compile_student (still accepted, with a warning).
+    compile_blocks: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: debugging and tests)
     rollout_graphs: bool = False  # the student's no-grad rollout as graphs, one per batch size
     rollout_graph_mode: str = "capture"  # capture (GraphedForward) | compile (torch.compile reduce-overhead)
 
@@ -134,7 +141,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True  # used when the tensorboard package is installed
     parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
-    grad_checkpointing: bool = False  # recompute student / fake-teacher block activations in backward
+    # Activation checkpointing of the student's and fake teacher's blocks: none | full (recompute each block in
+    # backward; the official setting) | selective (keep matmul and attention outputs, recompute the elementwise
+    # ops). true / false are read as full / none.
+    grad_checkpointing: str = "none"
     # epoch: prompts without replacement, as the official DistributedKRepeatSampler (k = 1): a permutation of the
     #   prompt rows (reshuffled with seed + e) is walked in global-batch slices of world x batch rows; each slice is
     #   shuffled (seed + step) and split across ranks. A function of (seed, step, rank, world): resumes exactly.
@@ -223,7 +233,18 @@ def _section(cfg: Config, name: str, key: str):
     return getattr(cfg, name)
 
 
+# Renamed keys: old name -> new name (read with a warning, so old config files and checkpoints keep working).
+RENAMED_KEYS = {"speed.compile_student": "speed.compile_blocks"}
+
+
 def set_value(cfg: Config, dotted_key: str, value: Any) -> None:
+    if dotted_key in RENAMED_KEYS:
+        new_key = RENAMED_KEYS[dotted_key]
+        logging.getLogger("cdm_train").warning("%s is now %s (it compiles every network's blocks); read as %s=%s",
+                                               dotted_key, new_key, new_key, value)
+        dotted_key = new_key
+    if dotted_key == "train.grad_checkpointing" and isinstance(value, bool):  # the earlier boolean key
+        value = "full" if value else "none"
     parts = dotted_key.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{dotted_key}: keys look like section.name (e.g. train.steps)")
@@ -354,6 +375,12 @@ def validate(cfg: Config) -> None:
     _require(sp.rollout_graph_mode in ("capture", "compile"), "speed.rollout_graph_mode",
              "must be capture or compile")
     _require(sp.attention_8bit in ("auto", "int8"), "speed.attention_8bit", "must be auto or int8")
+    _require(sp.compile_backend in ("inductor", "aot_eager", "eager"), "speed.compile_backend",
+             "must be inductor, aot_eager or eager")
+    _require(not sp.fp8_linear_emulate or sp.fp8_linear_teacher, "speed.fp8_linear_emulate",
+             "emulates speed.fp8_linear_teacher; set that too")
+    _require(t.grad_checkpointing in ("none", "full", "selective"), "train.grad_checkpointing",
+             "must be none, full or selective")
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")
@@ -379,15 +406,20 @@ def validate(cfg: Config) -> None:
     validate_lora(cfg)
 
 
-def reference_mode(cfg: Config) -> None:
+def reference_mode(cfg: Config, *, official_memory_plan: bool = False) -> None:
     """Switch every acceleration off (the baseline the fast mode is measured against).
 
     Every boolean speed switch goes off, so a switch added later is covered without a change here.
+    official_memory_plan: also the official launch's memory plan (byliutao/cdm config/config.py:
+    gradient_checkpointing = True for student and fake teacher), as the benchmarks' reference mode runs it.
+    It changes no loss or gradient, only time and memory.
     """
     for f in dataclasses.fields(cfg.speed):
         if isinstance(getattr(cfg.speed, f.name), bool):
             setattr(cfg.speed, f.name, False)
     cfg.speed.backend = "reference"
+    if official_memory_plan:
+        cfg.train.grad_checkpointing = "full"
 
 
 def to_yaml(cfg: Config) -> str:

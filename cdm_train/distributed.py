@@ -157,10 +157,8 @@ class Parallel:
 
     # ------------------------------------------------------------------------------- wrapping
     def wrap(self, cfg: Config, models: Models, ema: EMA, device: torch.device) -> None:
-        """Gradient checkpointing, then DDP / FSDP2 on the networks, in place (before the optimizers exist)."""
-        if cfg.train.grad_checkpointing:
-            for net in (models.student, models.fake):
-                enable_gradient_checkpointing(net)
+        """DDP / FSDP2 on the networks, in place (before the optimizers exist; accelerations.py calls it after
+        checkpointing and compile)."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -331,18 +329,6 @@ _NO_FORWARD_BUFFER_SYNC = _ddp_no_forward_buffer_sync()
 def _wants_cuda(cfg: Config) -> bool:
     d = cfg.train.device
     return d.startswith("cuda") or (d == "auto" and torch.cuda.is_available())
-
-
-def enable_gradient_checkpointing(net: torch.nn.Module) -> None:
-    """diffusers models (and any module holding one) recompute block activations in backward."""
-    found = False
-    modules = net.base_modules() if hasattr(net, "base_modules") else net.modules()  # LoRA views: the shared base
-    for mod in modules:
-        if hasattr(mod, "enable_gradient_checkpointing") and getattr(mod, "_supports_gradient_checkpointing", False):
-            mod.enable_gradient_checkpointing()
-            found = True
-    if not found:
-        raise ConfigError(f"train.grad_checkpointing: {type(net).__name__} has no diffusers model supporting it")
 
 
 def shard_module(net: torch.nn.Module, mesh, mp_policy) -> None:

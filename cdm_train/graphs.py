@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cdm_kernels.graphs import GraphedForward, compile_blocks
+from cdm_kernels.graphs import GraphedForward, raise_recompile_limit
 
 from .cond import Cond, ModelAdapter
 
@@ -77,7 +77,7 @@ class CompiledForward:
         if self.backend is None and x.device.type != "cuda":
             return self.fn(x, sigma, cond)
         if self._compiled is None:
-            _raise_recompile_limit(64)
+            raise_recompile_limit(64)
             kwargs = {"mode": "reduce-overhead"} if self.backend in (None, "inductor") else {}
             self._compiled = torch.compile(self.fn, backend=self.backend or "inductor", dynamic=False, **kwargs)
         if x.device.type == "cuda":
@@ -86,30 +86,15 @@ class CompiledForward:
         return out.clone()
 
 
-def _raise_recompile_limit(n: int) -> None:
-    # Every rollout batch size is one static-shape graph; the default limit (8) is too low for batch 16.
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    if getattr(cfg, name) < n:
-        setattr(cfg, name, n)
-
-
 def apply_graph_switches(cfg, models, *, compile_backend: str | None = None,
                          simulate: bool = False) -> GraphedAdapter | None:
-    """Install the graph / compile switches of cfg.speed on `models` (in place); returns the adapter wrapper.
+    """Install the graph switches of cfg.speed on `models` (in place); returns the adapter wrapper.
 
-    compile_backend: None = inductor on CUDA, no compile on the CPU; a name (e.g. "eager") forces
-    that torch.compile backend on any device (tests). simulate: GraphedForward bookkeeping without
+    compile_backend: for rollout_graph_mode=compile: None = inductor on CUDA, no compile on the CPU; a name
+    (e.g. "eager") forces that torch.compile backend on any device (tests). simulate: GraphedForward bookkeeping without
     CUDA graphs (tests). speed.overlap_teacher_calls needs nothing installed: steps.py reads it.
     """
     sp = cfg.speed
-    on_cuda = any(p.is_cuda for p in models.student.parameters())
-    if sp.compile_student:
-        if on_cuda or compile_backend is not None:
-            n = compile_blocks(models.student, backend=compile_backend or "inductor")
-            log.info("compile_student: %d transformer blocks of the student compiled (lazily, at first use)", n)
-        else:
-            log.info("compile_student: CPU run, student left eager")
     if not (sp.cuda_graphs_teacher or sp.rollout_graphs):
         return None
     base = models.adapter.base if isinstance(models.adapter, GraphedAdapter) else models.adapter

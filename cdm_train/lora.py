@@ -25,8 +25,10 @@ broadcast; the frozen base is built identically on every rank). Tested against a
 Refused with LoRA (a clear ConfigError): FSDP (it would shard the shared base under three views), the
 teacher CUDA graphs and the teacher/fake FP8 switches (a captured graph would bake in one adapter; patching
 the shared base's attention or linears would change every network on it), and with a LoRA student also
-rollout graphs, FP8 rollout attention and regional compile. A full student (with a LoRA fake teacher) is
-its own copy: its switches (rollout_graphs, fp8_attention_rollout, compile_student) keep working.
+rollout graphs and FP8 rollout attention. A full student (with a LoRA fake teacher) is its own copy: its
+switches (rollout_graphs, fp8_attention_rollout) keep working. Regional compile (speed.compile_blocks) works in
+every combination: the shared base's blocks are compiled once, and dynamo keeps one graph per active adapter
+(peft's adapter state is guarded), so switching adapters reuses graphs instead of recompiling.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def validate_lora(cfg: Config) -> None:
             raise ConfigError(f"speed.{key}: not supported with a LoRA fake teacher (the real and fake teacher "
                               f"share one base model; a graph or a patched attention would apply to both)")
     # The student-only switches touch the student alone: fine on a full student (its own copy).
-    for key in ("rollout_graphs", "fp8_attention_rollout", "compile_student"):
+    for key in ("rollout_graphs", "fp8_attention_rollout"):
         if lc.student and getattr(sp, key):
             raise ConfigError(f"speed.{key}: not supported with a LoRA student (its base is shared with the real "
                               f"and fake teacher; a graph, compile or patched attention would apply to all three)")

@@ -27,11 +27,11 @@ import torch
 import cdm_kernels as ck
 
 from . import checkpoint as ckpt
+from .accelerations import apply_accelerations
 from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
 from .draws import IterationDraws, draw_iteration
 from .ema import EMA
-from .graphs import apply_graph_switches
 from .jsonutil import dumps as json_dumps
 from .models.build import Models, build_models, resolve_device
 from .monitor import GpuMonitor
@@ -58,12 +58,11 @@ class Trainer:
         self.models = models if models is not None else build_models(cfg, self.device)
         o = cfg.optim
         self.ema = EMA(self.models.student, o.ema_decay)
-        self.parallel.wrap(cfg, self.models, self.ema, self.device)  # DDP / FSDP2 / grad checkpointing
-        adamw = dict(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, foreach=True)
+        # Attention, FP8 linears, checkpointing, compile, DDP/FSDP2, graphs: in this order, here only.
+        self.accelerations = apply_accelerations(cfg, self.models, self.ema, self.parallel, self.device)
+        adamw = adamw_options(cfg, self.device)
         self.student_opt = torch.optim.AdamW(self.models.student.parameters(), lr=o.student_lr, **adamw)
         self.fake_opt = torch.optim.AdamW(self.models.fake.parameters(), lr=o.fake_lr, **adamw)
-        apply_fp8_switches(cfg, self.models)
-        apply_graph_switches(cfg, self.models)
         self.monitor = GpuMonitor(self.device)  # silently off without pynvml or a GPU
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0, "nfe_rollout": 0, "nfe_total": 0,
@@ -346,27 +345,24 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
 
+def adamw_options(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The official AdamW hyper-parameters; the fused kernel on CUDA (one launch per step instead of foreach's
+    several; the same update to rounding), foreach elsewhere. FSDP2's DTensor parameters keep foreach: the fused
+    kernel's DTensor support is not tested here."""
+    o = cfg.optim
+    fused = device.type == "cuda" and cfg.train.parallel != "fsdp"
+    impl = {"fused": True} if fused else {"foreach": True}
+    return dict(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **impl)
+
+
 def apply_fp8_switches(cfg: Config, models: Models) -> None:
-    """FP8 attention / linears on the passes without gradient, as the speed switches say.
+    """FP8 attention / linears on the passes without gradient, as the speed switches say (steps 1-2 of
+    accelerations.apply_accelerations, which the trainer calls; kept for code that only wants these two)."""
+    from .accelerations import Applied, apply_attention, apply_fp8_linears
 
-    Patched processors use FP8 only when no gradient flows through the attention, so the
-    fake teacher's training step and the student step keep bf16 attention.
-    """
-    sp = cfg.speed
-    targets = [(sp.fp8_attention_teacher, models.teacher), (sp.fp8_attention_fake, models.fake),
-               (sp.fp8_attention_rollout, models.student)]
-    if any(on for on, _ in targets):
-        from cdm_kernels import patch_attention
-
-        fmt = "int8" if sp.attention_8bit == "int8" else "fp8"
-        mode = f"{fmt}_emulated_no_grad" if sp.fp8_attention_emulate else f"{fmt}_no_grad"
-        for on, net in targets:
-            if on:
-                patch_attention(net, mode=mode)
-    if sp.fp8_linear_teacher:
-        from cdm_kernels.fp8 import quantize_frozen
-
-        quantize_frozen(models.teacher)
+    applied = Applied()
+    apply_attention(cfg, models, applied)
+    apply_fp8_linears(cfg, models, applied)
 
 
 def _is_main_thread() -> bool:

@@ -5,8 +5,9 @@ device checks.
 """
 
 from .capture_safety import CaptureSafetyError, CaptureSafetyMode, capture_checked, check_capture_safe
+from .checkpointing import checkpoint_blocks, checkpoint_policy
 from .graphed import GraphedForward, GraphStats, ShapeKeyedCache, flatten, input_key, unflatten
-from .regional import compile_blocks, find_blocks, is_compiled
+from .regional import compile_blocks, find_blocks, is_compiled, raise_recompile_limit
 from .streams import concurrency_available, run_concurrently, run_sequentially, side_stream
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "compile_blocks",
     "find_blocks",
     "is_compiled",
+    "raise_recompile_limit",
+    "checkpoint_blocks",
+    "checkpoint_policy",
     "run_concurrently",
     "run_sequentially",
     "concurrency_available",

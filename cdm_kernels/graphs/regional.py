@@ -28,20 +28,40 @@ def find_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def compile_blocks(model: torch.nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = None, options: dict[str, Any] | None = None) -> int:
-    """Compile every transformer block of `model` in place; returns how many were compiled.
+def compile_blocks(model, *, backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool | None = None, options: dict[str, Any] | None = None,
+                   recompile_limit: int | None = None) -> int:
+    """Compile every transformer block of `model` (a module, or an iterable of blocks) in place; returns how
+    many were compiled. Blocks already compiled are left as they are (a block shared by several networks,
+    e.g. a LoRA base, is compiled once).
 
     Compilation itself happens lazily at the first call of each block (per grad mode and,
     with dynamic=None, once more when a second batch size makes the batch dim dynamic).
+    Every block of one class shares one code object, so all of them share dynamo's cache and its
+    recompile limit (8 by default): `recompile_limit` raises it (never lowers it) for the networks x grad
+    modes x shapes a training run needs; past the limit dynamo would silently run the block eagerly.
     """
-    blocks = find_blocks(model)
+    blocks = find_blocks(model) if isinstance(model, torch.nn.Module) else list(model)
     if not blocks:
-        log.info("regional compile: no transformer blocks found in %s; left eager", type(model).__name__)
+        name = type(model).__name__
+        log.info("regional compile: no transformer blocks found in %s; left eager", name)
         return 0
+    if recompile_limit is not None:
+        raise_recompile_limit(recompile_limit)
+    n = 0
     for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=dynamic, options=options)
-    return len(blocks)
+        if not is_compiled(block):
+            block.compile(backend=backend, mode=mode, dynamic=dynamic, options=options)
+            n += 1
+    return n
+
+
+def raise_recompile_limit(n: int) -> None:
+    """dynamo's per-code-object recompile limit to at least `n` (its name changed across torch versions)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < n:
+        setattr(cfg, name, n)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -1,0 +1,170 @@
+"""Every model-level acceleration, applied in one place, once, in a fixed order.
+
+`apply_accelerations` is the only place where the trainer changes its networks for speed or memory
+(as torchtitan's ``parallelize.py``). The order is fixed because each step must see what the previous
+ones did, and no later step may undo an earlier one:
+
+1. **Attention**: FP8 / INT8 processors for the passes without gradient (`speed.fp8_attention_*`).
+   First, so that the compiled blocks (step 4) trace the attention that will actually run.
+2. **FP8 linears** (`speed.fp8_linear_teacher`): the frozen teacher's linears become torchao float8
+   row-wise layers (or their PyTorch emulation, `speed.fp8_linear_emulate`). Before compile, so that the
+   activation quantisation fuses into the previous op inside the compiled block (uncompiled, FP8 linears
+   are slower than bf16).
+3. **Activation checkpointing** (`train.grad_checkpointing`: none | full | selective) of the student's
+   and fake teacher's blocks, installed inside each block (cdm_kernels.graphs.checkpointing), so that
+4. **Regional compile** (`speed.compile_blocks`) of every network's transformer blocks traces the
+   checkpoint too and plans the recomputation (torchtitan: checkpointing, then compile, then sharding).
+5. **DDP / FSDP2** (`train.parallel`): wraps or shards the networks whose blocks are now final.
+6. **CUDA graphs** of the no-grad passes (`speed.cuda_graphs_teacher`, `speed.rollout_graphs`): last,
+   because a graph captures whatever the calls above have become.
+
+Optimizers are built after this (on the wrapped parameters); the fused AdamW is chosen in trainer.py.
+Every step returns what it did; the trainer logs it as one block ("accelerations: ...").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from cdm_kernels.graphs import checkpoint_blocks, compile_blocks, find_blocks
+
+from .errors import ConfigError
+from .graphs import apply_graph_switches
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .distributed import Parallel
+    from .ema import EMA
+    from .models.build import Models
+
+log = logging.getLogger("cdm_train")
+
+ORDER = ("attention", "fp8 linears", "checkpointing", "compile", "ddp/fsdp", "graphs")
+
+# Distinct graphs one block class can need in a run: student / fake / teacher (+ EMA sampler) x grad modes x
+# (static, then dynamic batch) x the block's own variants (SD3's last block). 8 (dynamo's default) is too low.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class Applied:
+    """What apply_accelerations did, step by step (for the log and for tests)."""
+
+    steps: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in ORDER})
+
+    def add(self, step: str, line: str) -> None:
+        self.steps[step].append(line)
+
+    def lines(self) -> list[str]:
+        return [f"{i}. {name}: " + ("; ".join(done) if done else "-") for i, (name, done) in
+                enumerate(self.steps.items(), 1)]
+
+
+def network_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks a network runs, also when it is a LoRA view on a shared base (lora.AdapterView,
+    whose base is not a registered submodule)."""
+    base = getattr(net, "peft_model", None)
+    return find_blocks(base if base is not None else net)
+
+
+def _unique(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    seen, out = set(), []
+    for b in blocks:
+        if id(b) not in seen:
+            seen.add(id(b))
+            out.append(b)
+    return out
+
+
+def apply_attention(cfg: Config, models: Models, applied: Applied) -> None:
+    sp = cfg.speed
+    targets = [("teacher", sp.fp8_attention_teacher, models.teacher), ("fake", sp.fp8_attention_fake, models.fake),
+               ("student rollout", sp.fp8_attention_rollout, models.student)]
+    if not any(on for _, on, _ in targets):
+        applied.add("attention", "diffusers' default processors")
+        return
+    from cdm_kernels import patch_attention
+
+    fmt = "int8" if sp.attention_8bit == "int8" else "fp8"
+    mode = f"{fmt}_emulated_no_grad" if sp.fp8_attention_emulate else f"{fmt}_no_grad"
+    for name, on, net in targets:
+        if on:
+            patch_attention(net, mode=mode)
+            applied.add("attention", f"{name}: {mode}")
+
+
+def apply_fp8_linears(cfg: Config, models: Models, applied: Applied) -> None:
+    sp = cfg.speed
+    if not sp.fp8_linear_teacher:
+        return
+    from cdm_kernels import fp8
+
+    if sp.fp8_linear_emulate:
+        report = fp8.emulate_fp8_linears(models.teacher)
+    else:
+        report = fp8.quantize_frozen(models.teacher)
+    applied.add("fp8 linears", f"teacher: {report.summary()}")
+
+
+def apply_checkpointing(cfg: Config, models: Models, applied: Applied) -> None:
+    policy = cfg.train.grad_checkpointing
+    if policy == "none":
+        return
+    for name, net in (("student", models.student), ("fake", models.fake)):
+        blocks = network_blocks(net)
+        if not blocks:
+            raise ConfigError(f"train.grad_checkpointing: {type(net).__name__} ({name}) has no transformer blocks "
+                              "to checkpoint")
+        n = checkpoint_blocks(blocks, policy)
+        applied.add("checkpointing", f"{name}: {policy} ({n} blocks)")
+
+
+def compile_backend(cfg: Config) -> str:
+    return cfg.speed.compile_backend
+
+
+def apply_compile(cfg: Config, models: Models, ema: EMA | None, applied: Applied) -> None:
+    if not cfg.speed.compile_blocks:
+        return
+    nets = [("student", models.student), ("fake", models.fake), ("teacher", models.teacher)]
+    if ema is not None:
+        nets.append(("ema", ema.module))
+    done: list[torch.nn.Module] = []
+    for name, net in nets:
+        blocks = [b for b in _unique(network_blocks(net)) if all(b is not d for d in done)]
+        if not blocks:
+            if not any(b is d for b in network_blocks(net) for d in done):
+                applied.add("compile", f"{name}: no transformer blocks, eager")
+            continue
+        # dynamic=None: the first batch size compiles static, a second one marks the batch dim dynamic
+        # (the early-exit rollout changes it every step): at most one recompile per (network, grad mode).
+        n = compile_blocks(blocks, backend=compile_backend(cfg), recompile_limit=RECOMPILE_LIMIT)
+        done.extend(blocks)
+        applied.add("compile", f"{name}: {n} blocks ({compile_backend(cfg)})")
+
+
+def apply_accelerations(cfg: Config, models: Models, ema: EMA | None, parallel: Parallel,
+                        device: torch.device) -> Applied:
+    """Apply every model-level acceleration of `cfg` to `models` in place, in the order of ORDER (see the
+    module docstring). Call once, after the EMA copy is taken and before the optimizers are built."""
+    applied = Applied()
+    apply_attention(cfg, models, applied)
+    apply_fp8_linears(cfg, models, applied)
+    apply_checkpointing(cfg, models, applied)
+    apply_compile(cfg, models, ema, applied)
+    if parallel.enabled:
+        parallel.wrap(cfg, models, ema, device)
+        applied.add("ddp/fsdp", f"{parallel.mode} over {parallel.world_size} ranks")
+    wrapper = apply_graph_switches(cfg, models)
+    if wrapper is not None:
+        applied.add("graphs", ", ".join(getattr(fn, "name", type(fn).__name__) for _, fn in wrapper._routes))
+    for line in applied.lines():
+        log.info("accelerations %s", line)
+    return applied
+
+
+__all__ = ["apply_accelerations", "Applied", "ORDER", "network_blocks", "RECOMPILE_LIMIT"]
