@@ -208,8 +208,8 @@ def test_compiled_lora_switches_adapters_without_recompiling(tmp_path):
 
 @pytest.mark.slow
 def test_cli_trains_with_inductor_compiled_blocks_on_cpu(tmp_path):
-    """The issue's acceptance run: cdm-train train --preset tiny --set speed.compile_blocks=true --device cpu (inductor's
-    C++ backend), here with selective checkpointing, against the same run eager."""
+    """The issue's acceptance run: cdm-train train --preset tiny --set speed.compile_blocks=true --device cpu
+    (inductor C++ backend), here with selective checkpointing, against the same run eager."""
     import json
 
     from cdm_train.cli import main
