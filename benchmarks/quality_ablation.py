@@ -13,6 +13,10 @@ Eight variants, same iteration budget and training seeds, each evaluated at 1/2/
                 scoring, rollout) through the kernel's PyTorch twin (same e4m3 roundings; the digits model's
                 head dim 32 is outside the kernel's {64, 128}). Evaluated with the stock attention.
 7. cdm-int8     the same with the INT8-QK scheme (A100's 8-bit attention) through its twin.
+9. cdm-fp8-linear    full CDM with the real teacher's linears in row-wise FP8 (speed.fp8_linear_teacher), through
+                the PyTorch emulation of the same e4m3 roundings (speed.fp8_linear_emulate): every linear outside
+                the AdaLN modulation and the embedders, a harsher selection than the GPU's (which keeps layers
+                thinner than 512 in bf16; the digits model is 64 wide).
 8. cdm-bf16-rollout  full CDM with the official bf16 rollout trajectory (train.rollout_dtype=bfloat16: x_k, v_k
                 and the Euler update rounded to bf16 between steps, as the official pipeline holds its latents).
 
@@ -45,6 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "cdm-int8": ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true",
                  "speed.fp8_attention_rollout=true", "speed.fp8_attention_emulate=true", "speed.attention_8bit=int8"],
     "cdm-bf16-rollout": ["train.rollout_dtype=bfloat16"],
+    "cdm-fp8-linear": ["speed.fp8_linear_teacher=true", "speed.fp8_linear_emulate=true"],
 }
 STEPS = (1, 2, 4, 8)
 
