@@ -103,7 +103,7 @@ def _nbytes(t: torch.Tensor) -> int:
 class Tally:
     flops: float = 0.0
     bytes: float = 0.0
-    launches: int = 0
+    launches: float = 0.0  # fractional where a compiled block fuses several ops into fewer kernels
     syncs: int = 0
     seconds: float = 0.0  # predicted
     by_kind: dict = dataclasses.field(default_factory=lambda: defaultdict(float))  # predicted seconds per kind
@@ -124,12 +124,15 @@ class Tally:
 class CostMode(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts every op below autograd into the current phase's Tally; tracks live storage bytes."""
 
-    def __init__(self, attention_tflops_: float):
+    def __init__(self, attention_tflops_: float, compiled: CompiledBlocks | None = None):
         super().__init__()
         from torch.utils.flop_counter import flop_registry
 
         self.flop_registry = flop_registry
         self.attention_tflops = attention_tflops_
+        self.compiled = compiled  # modelled regional compile (speed.compile_blocks), None: eager
+        self.block_depth = 0  # > 0 inside a transformer block's forward (hooks, see ModelledSwitches)
+        self.fp8_depth = 0  # > 0 inside a linear layer that runs in FP8 (speed.fp8_linear_teacher)
         self.phase = "build"
         self.tallies: dict[str, Tally] = defaultdict(Tally)
         self.live = 0
@@ -179,20 +182,38 @@ class CostMode(torch.utils._python_dispatch.TorchDispatchMode):
         flops = 0
         if packet in self.flop_registry:
             flops = self.flop_registry[packet](*args, **kwargs, out_val=out)
+        backward = torch._C._current_autograd_node() is not None
+        pass_ = "backward" if backward else "forward" if torch.is_grad_enabled() else "forward no-grad"
+        launches = 1.0
         if name in ATTENTION:
             kind, ceiling = "attention", self.attention_tflops
         elif name in MATMUL or flops:
             kind, ceiling = "matmul", MATMUL_TFLOPS
+            if self.fp8_depth and pass_ == "forward no-grad":
+                # FP8 GEMM: operands read at 1 byte instead of 2; the activation's row-wise quantisation is
+                # extra traffic: fused into the producer when compiled (write the fp8 copy: 1 B/elem), else its
+                # own passes (amax read 2 B + read 2 B + write 1 B per element, two launches).
+                kind, ceiling = "matmul fp8", FP8_MATMUL_TFLOPS
+                act = args[1] if name == "addmm" else args[0]
+                per_elem = 1 if self.compiled is not None else 5
+                quant = act.numel() * per_elem
+                nbytes = nbytes - _nbytes(act) // 2 - _nbytes(args[-1] if name != "addmm" else args[2]) // 2 + quant
+                launches += 0 if self.compiled is not None else 2
         elif namespace in FUSED_NAMESPACES:
             kind, ceiling = "fused op", None
         else:
             kind, ceiling = "elementwise / reduction / optimizer", None
+            if self.compiled is not None and (self.block_depth or (backward and not _called_from_optimizer())):
+                # Inside a compiled block (its forward, or any backward op of the models, recomputation
+                # included): inductor's fused kernels move ratio x the bytes in ratio x the launches.
+                bytes_ratio, launch_ratio = self.compiled.ratio(pass_)
+                kind = "elementwise (compiled blocks)"
+                nbytes *= bytes_ratio
+                launches = launch_ratio
         seconds = max(flops / (ceiling * 1e12) if ceiling else 0.0, nbytes / (HBM_GBS * 1e9))
-        backward = torch._C._current_autograd_node() is not None
-        pass_ = "backward" if backward else "forward" if torch.is_grad_enabled() else "forward no-grad"
         tally.flops += flops
         tally.bytes += nbytes
-        tally.launches += 1
+        tally.launches += launches
         tally.seconds += seconds
         tally.by_kind[kind] += seconds
         tally.flops_by_pass[pass_] += flops
@@ -202,6 +223,77 @@ class CostMode(torch.utils._python_dispatch.TorchDispatchMode):
             tally.fused_bytes += nbytes
             tally.fused_launches += 1
         return out
+
+
+COMPILED_BLOCK_TRAFFIC = Path(__file__).resolve().parent / "compiled_block_traffic.json"
+FAMILY_BLOCKS = {"sd3": ("sd3:JointTransformerBlock",),
+                 "flux": ("flux:FluxTransformerBlock", "flux:FluxSingleTransformerBlock"),
+                 "longcat": ("longcat:LongCatImageTransformerBlock", "longcat:LongCatImageSingleTransformerBlock")}
+
+
+@dataclasses.dataclass
+class CompiledBlocks:
+    """Regional compile as the cost model sees it: per pass, how inductor's kernels scale a block's eager
+    non-matmul bytes and launches (benchmarks/compiled_block_traffic.py, measured on one block of the family
+    with inductor's CPU scheduler; the mean over the family's block kinds)."""
+
+    no_grad: tuple[float, float]
+    grad: tuple[float, float]
+
+    def ratio(self, pass_: str) -> tuple[float, float]:
+        return self.no_grad if pass_ == "forward no-grad" else self.grad
+
+    @classmethod
+    def load(cls, family: str, policy: str, path: Path = COMPILED_BLOCK_TRAFFIC) -> CompiledBlocks:
+        data = json.loads(path.read_text())["blocks"]
+        keys = [k for k in FAMILY_BLOCKS.get(family, FAMILY_BLOCKS["sd3"]) if k in data] or list(data)[:1]
+
+        def mean(entry: str) -> tuple[float, float]:
+            rows = [data[k][entry] for k in keys]
+            return (statistics.fmean(r["bytes_ratio"] for r in rows), statistics.fmean(r["launch_ratio"] for r in rows))
+
+        return cls(no_grad=mean("none/no_grad"), grad=mean(f"{policy}/grad"))
+
+
+class ModelledSwitches:
+    """Hooks that tell CostMode where it is: inside a transformer block (modelled compile), inside a linear
+    layer that FP8 would replace (modelled FP8 linears: the GPU's selection, plan_fp8_linears on the bf16
+    teacher). Nothing is compiled or quantised: the fake tensors run the eager ops, the mode reprices them."""
+
+    def __init__(self, mode: CostMode, models, fp8_linear_teacher: bool):
+        from cdm_train.accelerations import network_blocks
+
+        self.handles = []
+        seen = set()
+        for net in (models.student, models.fake, models.teacher):
+            for block in network_blocks(net):
+                if id(block) in seen:
+                    continue
+                seen.add(id(block))
+                self._scope(block, mode, "block_depth")
+        self.fp8_layers = []
+        if fp8_linear_teacher:
+            from cdm_kernels.fp8 import plan_fp8_linears
+
+            teacher = getattr(models.teacher, "peft_model", models.teacher)
+            eligible, _ = plan_fp8_linears(teacher)
+            modules = dict(teacher.named_modules())
+            for name in eligible:
+                self._scope(modules[name], mode, "fp8_depth")
+            self.fp8_layers = eligible
+
+    def _scope(self, module, mode, attr):
+        def enter(*_):
+            setattr(mode, attr, getattr(mode, attr) + 1)
+
+        def leave(*_):
+            setattr(mode, attr, getattr(mode, attr) - 1)
+
+        self.handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def _called_from_optimizer() -> bool:
@@ -328,7 +420,7 @@ def config_overrides(preset: str, batch: int, layers: int | None, resolution: in
     over = ["train.device=cpu", f"train.batch_size={batch}", "train.progress=false", "train.tensorboard=false",
             "optim.update_ratio=1", "train.out_dir=/nonexistent/cost-model", "train.precision=bf16",
             "model.teacher_dtype=bfloat16"]
-    if preset in ("sd3-medium-shape", "flux-shape"):
+    if preset in ("sd3-medium-shape", "flux-shape", "longcat-shape"):
         over.append(f"model.resolution={resolution}")
         if layers is not None:
             over.append(f"model.layers={layers}")
@@ -336,7 +428,8 @@ def config_overrides(preset: str, batch: int, layers: int | None, resolution: in
 
 
 def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: int | None, resolution: int,
-             extra: list[str] | None = None, length_from_host_generator: bool = False) -> dict:
+             extra: list[str] | None = None, length_from_host_generator: bool = False,
+             official_plan: bool = False) -> dict:
     """Model `steps` iterations of one mode ("reference": every switch off, reference ops; "fast": the default
     switches with the fused (triton) ops). Returns per-iteration tallies, NFE and the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -347,11 +440,17 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
 
     cfg = make_config(preset, overrides=config_overrides(preset, batch, layers, resolution) + list(extra or []))
     if mode_name == "reference":
-        reference_mode(cfg)
+        reference_mode(cfg, official_memory_plan=official_plan)
     elif cfg.speed.backend == "auto":  # what auto picks on a GPU (an explicit --set speed.backend=... stays)
         cfg.speed.backend = "triton"
-    model = "flux" if preset.startswith("flux") else "sd3"
-    cost = CostMode(attention_tflops(model))
+    model = "flux" if preset.startswith(("flux", "longcat")) else "sd3"
+    family = preset.split("-")[0] if preset.startswith(("flux", "longcat")) else "sd3"
+    # Compile and FP8 linears are modelled (ModelledSwitches), not run: dynamo cannot trace fake tensors under
+    # a dispatch mode, and torchao does nothing on a CPU "device".
+    compiled = CompiledBlocks.load(family, cfg.train.grad_checkpointing) if cfg.speed.compile_blocks else None
+    fp8_linears = cfg.speed.fp8_linear_teacher
+    cfg.speed.compile_blocks = cfg.speed.fp8_linear_teacher = False
+    cost = CostMode(attention_tflops(model), compiled)
     iterations = []
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     models = build_models(cfg, torch.device("meta"))  # real modules, meta tensors: shapes only
@@ -366,6 +465,7 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
             setattr(models, name, to_fake(getattr(models, name), fake, torch.device("cpu")))
         cost._track([p for net in (models.student, models.fake, models.teacher) for p in net.parameters()])
         tr = Trainer(cfg, models=models)  # EMA copy and optimizers on the fake parameters, as in training
+        switches = ModelledSwitches(cost, tr.models, fp8_linears)
         del models
         build_peak = cost.peak
         for k in steps:
@@ -381,9 +481,11 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
             iterations.append({"step": k, "nfe": tr.counters["nfe_total"] - before, "nfe_rollout": stats["nfe_rollout"],
                                "rollout_steps": stats["rollout_steps"], "tallies": tallies})
         params = sum(p.numel() for p in tr.models.student.parameters())
+        switches.remove()
         del tr
-    return {"mode": mode_name, "iterations": iterations, "peak_gib": cost.peak / GiB, "peak_phase": cost.peak_phase,
-            "build_gib": build_peak / GiB, "student_params": params}
+    return {"mode": mode_name, "compiled": compiled is not None, "fp8_linears": len(switches.fp8_layers),
+            "grad_checkpointing": cfg.train.grad_checkpointing, "iterations": iterations, "peak_gib": cost.peak / GiB,
+            "peak_phase": cost.peak_phase, "build_gib": build_peak / GiB, "student_params": params}
 
 
 def summarise(result: dict) -> dict:
@@ -411,6 +513,8 @@ def summarise(result: dict) -> dict:
         "phase_launches": {p: statistics.fmean(it["tallies"][p].launches for it in its) for p in PHASES},
         "peak_gib": result["peak_gib"], "peak_phase": result["peak_phase"], "build_gib": result["build_gib"],
         "student_params": result["student_params"],
+        "compiled": result.get("compiled", False), "fp8_linears": result.get("fp8_linears", 0),
+        "grad_checkpointing": result.get("grad_checkpointing", "none"),
     }
 
 
@@ -521,7 +625,8 @@ def measured_from_bench_json(path: str) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, choices=["tiny", "sd3-medium-shape", "flux-tiny", "flux-shape"],
+    p.add_argument("--preset", default=None, choices=["tiny", "sd3-medium-shape", "flux-tiny", "flux-shape",
+                                                      "longcat-tiny", "longcat-shape"],
                    help="one config (default: the RESULTS_cost_model.md set)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)
@@ -532,7 +637,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for both modes")
     p.add_argument("--compare", metavar="BENCH_JSON", help="bench_step.py --json output: model its config, print "
                    "measured vs predicted")
-    p.add_argument("--json", default=None, help="write the summaries to this file")
+    p.add_argument("--json", default=None, help="write the summaries (predicted ms per mode / plan) to this file")
+    p.add_argument("--plans", action="store_true", help="the memory-plan tables at full depth (SD3-Medium, Flux-dev, "
+                   "LongCat-Image, 1024 px, official batch): reference vs fast per plan, predicted ms and peak GiB, "
+                   "which plan fits an 80 GB H100 and a 141 GB H200")
+    p.add_argument("--plan-models", default=",".join(PLAN_MODELS), help="with --plans: which presets")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("reference", "fast") for m in modes):
@@ -543,6 +652,21 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"cost_model: --steps {args.steps!r}: use A-B or a comma list", file=sys.stderr)
         return 2
+    if args.plans:
+        out = []
+        its = parse_steps(args.full_depth_steps)
+        for preset in [m.strip() for m in args.plan_models.split(",") if m.strip()]:
+            if preset not in PLAN_MODELS:
+                print(f"cost_model: --plan-models: {preset!r} is not one of {', '.join(PLAN_MODELS)}", file=sys.stderr)
+                return 2
+            rows = plan_rows(preset, PLAN_MODELS[preset], its, args.resolution, args.set)
+            print("\n".join(["", *plan_lines(preset, PLAN_MODELS[preset], rows, its)]), flush=True)
+            out.append({"figure": "cost_model_plans", "preset": preset, "batch": PLAN_MODELS[preset], "steps": its,
+                        "predicted_ms": {r["plan"]: r["predicted_median_ms"] for r in rows},
+                        "peak_gib": {r["plan"]: r["peak_gib"] for r in rows}, "rows": rows})
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+        return 0
     if args.compare:
         try:
             cfg, measured = measured_from_bench_json(args.compare)
@@ -585,6 +709,74 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     return 0
+
+
+# ------------------------------------------------------------------------------------- memory plans at full depth
+# Usable memory of one GPU for a training process: the device's total as torch reports it (H100 80 GB: 79.1 GiB,
+# H200: 139.8 GiB) less ~2 GiB for the CUDA context, cuBLAS / cuDNN workspaces and allocator fragmentation.
+GPU_GIB = {"H100 80GB": 77.0, "H200 141GB": 137.0}
+PLAN_MODELS = {  # preset: official per-GPU batch (byliutao/cdm config/config.py: SD3 16, LongCat 8; Flux: as SD3)
+    "sd3-medium-shape": 16, "flux-shape": 16, "longcat-shape": 8}
+PLANS = [  # (row name, mode, extra overrides)
+    ("reference (official: full checkpointing, eager)", "reference", []),
+    ("fast, eager, no checkpointing (today's default)", "fast", []),
+    ("fast, eager, full checkpointing", "fast", ["train.grad_checkpointing=full"]),
+    ("fast + compiled blocks, no checkpointing", "fast", ["speed.compile_blocks=true"]),
+    ("fast + compiled blocks, selective checkpointing", "fast",
+     ["speed.compile_blocks=true", "train.grad_checkpointing=selective"]),
+    ("fast + compiled blocks, full checkpointing", "fast",
+     ["speed.compile_blocks=true", "train.grad_checkpointing=full"]),
+    ("fast + compiled blocks + FP8 teacher linears, selective", "fast",
+     ["speed.compile_blocks=true", "train.grad_checkpointing=selective", "speed.fp8_linear_teacher=true"]),
+    ("fast + compiled blocks + FP8 teacher linears, full", "fast",
+     ["speed.compile_blocks=true", "train.grad_checkpointing=full", "speed.fp8_linear_teacher=true"]),
+]
+
+
+def plan_rows(preset: str, batch: int, steps: list[int], resolution: int = 1024, extra: list[str] | None = None):
+    """Every plan of PLANS for one model at full depth: a summary per plan (+ its memory split)."""
+    rows = []
+    for name, mode, over in PLANS:
+        result = run_mode(preset, mode, steps, batch, None, resolution, over + list(extra or []),
+                          official_plan=True)
+        summary = summarise(result)
+        summary["plan"] = name
+        rows.append(summary)
+        print(f"  modelled: {preset} | {name}: {summary['predicted_median_ms']:.0f} ms, peak "
+              f"{summary['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
+    return rows
+
+
+def fsdp_gib(s: dict, world: int = 8) -> float:
+    """Per-GPU peak with FSDP2 over `world` GPUs: the model state (networks, EMA, AdamW: what is live after the
+    build) sharded, the activations (the rest of the peak) not, plus one unsharded block's worth of parameters
+    per network in flight (ignored here: under 2% of the model state for 24+ blocks)."""
+    return s["build_gib"] / world + (s["peak_gib"] - s["build_gib"])
+
+
+def plan_lines(preset: str, batch: int, rows: list[dict], steps: list[int]) -> list[str]:
+    ref = rows[0]["predicted_median_ms"]
+    gpus = list(GPU_GIB)
+    lines = [f"#### {preset} at full depth, 1024 px, batch {batch} per GPU (official), iterations "
+             f"{steps[0]}-{steps[-1]}", "",
+             "| plan | predicted ms / it | vs reference | peak GiB, 1 GPU (model state + activations) | "
+             + " | ".join(f"fits one {g}" for g in gpus) + " | per GPU with FSDP2 x 8 | "
+             + " | ".join(f"FSDP2 x 8 fits {g}" for g in gpus) + " |",
+             "|---|---|---|---|" + "---|" * len(gpus) + "---|" + "---|" * len(gpus)]
+    for s in rows:
+        peak, fs = s["peak_gib"], fsdp_gib(s)
+        lines.append(f"| {s['plan']} | {s['predicted_median_ms']:.0f} | {ref / s['predicted_median_ms']:.2f}x | "
+                     f"{peak:.0f} ({s['build_gib']:.0f} + {peak - s['build_gib']:.0f}) | "
+                     + " | ".join("yes" if peak <= GPU_GIB[g] else "no" for g in gpus)
+                     + f" | {fs:.0f} | " + " | ".join("yes" if fs <= GPU_GIB[g] else "no" for g in gpus) + " |")
+    fits = {g: [s for s in rows[1:] if fsdp_gib(s) <= GPU_GIB[g]] for g in gpus}
+    lines.append("")
+    for g in gpus:
+        best = min(fits[g], key=lambda s: s["predicted_median_ms"], default=None)
+        lines.append(f"- {g}, FSDP2 x 8: fastest plan that fits: "
+                     + (f"**{best['plan']}**, {ref / best['predicted_median_ms']:.2f}x the reference"
+                        if best else "none") + ".")
+    return lines
 
 
 def computed_memory(preset: str, batch: int, layers: int | None, resolution: int) -> dict | None:
