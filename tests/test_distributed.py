@@ -266,17 +266,70 @@ def test_parallel_without_a_launch_is_a_config_error(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    from cdm_kernels.graphs import checkpoint_policy, find_blocks
     from cdm_train.trainer import Trainer
 
     grads = []
-    for on in (False, True):
-        cfg = _config(tmp_path / str(on), f"train.grad_checkpointing={str(on).lower()}")
+    for policy in ("none", "full", "selective"):
+        cfg = _config(tmp_path / policy, f"train.grad_checkpointing={policy}")
         tr = Trainer(cfg, models=_perturbed_models(cfg))
-        assert tr.models.student.gradient_checkpointing is on and tr.models.fake.gradient_checkpointing is on
+        for net in (tr.models.student, tr.models.fake):
+            assert {checkpoint_policy(b) for b in find_blocks(net)} == {policy}
         _explicit_step(tr, _explicit_batch(tr.models))
         grads.append(tr._last_student_grads)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def _compiled_worker(rank: int, world: int, store: str, tmp: str, mode: str) -> None:
+    """Compiled blocks (+ selective checkpointing) under DDP / FSDP2: the same losses as the eager run, no graph
+    break, and compile before wrapping (the blocks FSDP shards are the compiled ones)."""
+    from torch._dynamo.utils import counters
+
+    from cdm_kernels.graphs import find_blocks, is_compiled
+    from cdm_train.trainer import Trainer
+
+    _init(rank, world, store)
+    try:
+        runs = {}
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            extra = ["speed.compile_blocks=true", "speed.compile_backend=aot_eager"] if compiled else []
+            tr = Trainer(_config(Path(tmp) / f"{mode}{compiled}", f"train.parallel={mode}", "optim.update_ratio=1",
+                                 "train.grad_checkpointing=selective", *extra))
+            losses = []
+            for k in range(2):
+                tr.step = k
+                stats = tr.train_step()
+                losses.append([float(tr.parallel.mean(stats[key])) for key in ("loss_fake", "loss_student")])
+            runs[compiled] = losses
+            if compiled:
+                blocks = find_blocks(tr.models.student)
+                runs["all_compiled"] = bool(blocks) and all(is_compiled(b) for b in blocks)
+                runs["graph_breaks"] = sum(counters["graph_break"].values())
+            del tr
+        (Path(tmp) / f"compiled{rank}.json").write_text(json.dumps(runs))
+    except Exception:
+        (Path(tmp) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compiled_blocks_under_ddp_and_fsdp_match_eager(tmp_path, mode):
+    try:
+        _spawn(_compiled_worker, WORLD, str(tmp_path), mode)
+    except Exception:
+        pytest.fail("workers failed:\n" + "\n".join(p.read_text() for p in tmp_path.glob("error*.txt")))
+    for rank in range(WORLD):
+        rep = json.loads((tmp_path / f"compiled{rank}.json").read_text())
+        assert rep["all_compiled"] and rep["graph_breaks"] == 0
+        for a, b in zip(rep["true"], rep["false"]):
+            assert a == pytest.approx(b, rel=1e-4)
 
 
 def test_single_process_cuda_device_gets_an_index(monkeypatch):

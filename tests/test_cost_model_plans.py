@@ -1,0 +1,99 @@
+"""benchmarks/cost_model.py's modelled switches: compiled blocks, FP8 teacher linears, checkpointing plans."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytest.importorskip("diffusers")
+import cost_model as cm  # noqa: E402
+
+# One SD3-Medium-width block pair at a small image (fake tensors: no memory, seconds of CPU).
+SHAPE = dict(preset="sd3-medium-shape", steps=[3], batch=2, layers=2, resolution=256)
+EW = "elementwise / reduction / optimizer"
+
+
+def _run(*over, mode="fast", official_plan=False):
+    s = SHAPE
+    return cm.summarise(cm.run_mode(s["preset"], mode, s["steps"], s["batch"], s["layers"], s["resolution"],
+                                    list(over), official_plan=official_plan))
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return _run()
+
+
+def test_compiled_blocks_reprice_only_the_elementwise_work_inside_blocks(eager):
+    compiled = _run("speed.compile_blocks=true")
+    ratios = cm.CompiledBlocks.load("sd3", "none")
+    assert compiled["compiled"] and not eager["compiled"]
+    assert compiled["nfe"] == eager["nfe"]  # the same iteration
+    assert compiled["tflop_per_it"] == pytest.approx(eager["tflop_per_it"])
+    for kind in ("matmul", "attention"):
+        assert compiled["ms_by_kind"][kind] == pytest.approx(eager["ms_by_kind"][kind])
+    moved = compiled["ms_by_kind"]["elementwise (compiled blocks)"]
+    left = compiled["ms_by_kind"][EW]  # outside the blocks (embedders, optimizer, EMA) stays eager
+    # what left the eager kind came back scaled by the measured ratios (grad and no-grad ratios bracket it)
+    lo, hi = sorted((ratios.no_grad[0], ratios.grad[0]))
+    assert lo * (eager["ms_by_kind"][EW] - left) * 0.999 <= moved <= hi * (eager["ms_by_kind"][EW] - left) * 1.001
+    assert 0 < left < eager["ms_by_kind"][EW]
+    assert compiled["launches_per_it"] < eager["launches_per_it"]
+    assert compiled["predicted_median_ms"] < eager["predicted_median_ms"]
+
+
+def test_fp8_teacher_linears_run_at_the_fp8_ceiling_in_no_grad_passes_only(eager):
+    fp8 = _run("speed.fp8_linear_teacher=true", "speed.compile_blocks=true")
+    compiled = _run("speed.compile_blocks=true")
+    assert fp8["fp8_linears"] > 0
+    assert fp8["ms_by_kind"]["matmul fp8"] > 0
+    assert fp8["ms_by_kind"]["matmul"] < compiled["ms_by_kind"]["matmul"]
+    # the FP8 GEMMs are at most bf16 time x (bf16 / fp8 ceiling) plus their quantisation traffic: cheaper overall
+    moved = compiled["ms_by_kind"]["matmul"] - fp8["ms_by_kind"]["matmul"]
+    assert fp8["ms_by_kind"]["matmul fp8"] < moved
+    # nothing with gradient changes: the teacher has none, the student and fake are not quantised
+    for p in ("forward", "backward"):
+        assert fp8["ms_by_pass"][p] == pytest.approx(compiled["ms_by_pass"][p])
+
+
+def test_official_plan_recomputes_and_uses_less_memory(eager):
+    plain = _run(mode="reference")
+    official = _run(mode="reference", official_plan=True)
+    assert official["grad_checkpointing"] == "full" and plain["grad_checkpointing"] == "none"
+    # full checkpointing: one more block forward per grad forward, so more FLOPs in backward; same NFE
+    assert official["nfe"] == plain["nfe"]
+    assert official["tflop_by_pass"]["backward"] > plain["tflop_by_pass"]["backward"]
+    assert official["peak_gib"] < plain["peak_gib"]
+    selective = _run("train.grad_checkpointing=selective")
+    assert selective["peak_gib"] < eager["peak_gib"]
+    # selective keeps matmul outputs: no matmul is recomputed
+    assert selective["tflop_by_pass"]["backward"] == pytest.approx(eager["tflop_by_pass"]["backward"])
+
+
+def test_plan_lines_pick_the_fastest_plan_that_fits():
+    def row(name, ms, peak, build):
+        return {"plan": name, "predicted_median_ms": ms, "peak_gib": peak, "build_gib": build}
+
+    rows = [row("reference", 1000, 70, 60), row("fast big", 400, 400, 60), row("fast small", 500, 100, 60),
+            row("fast tiny", 600, 70, 60)]
+    lines = cm.plan_lines("sd3-medium-shape", 16, rows, [3])
+    text = "\n".join(lines)
+    # FSDP2 x 8: 60/8 + activations -> big 347.5 (fits neither), small 47.5 (fits both), tiny 17.5
+    assert "H100 80GB, FSDP2 x 8: fastest plan that fits: **fast small**, 2.00x" in text
+    assert "H200 141GB, FSDP2 x 8: fastest plan that fits: **fast small**" in text
+    assert "| fast big | 400 | 2.50x | 400 (60 + 340) | no | no | 348 | no | no |" in text
+
+
+def test_compiled_block_traffic_table_is_complete():
+    data = json.loads(cm.COMPILED_BLOCK_TRAFFIC.read_text())["blocks"]
+    for family, keys in cm.FAMILY_BLOCKS.items():
+        for key in keys:
+            assert key in data, key
+            for entry in ("none/no_grad", "none/grad", "selective/grad", "full/grad"):
+                r = data[key][entry]
+                assert 0 < r["compiled_bytes"] < r["eager_bytes"]  # inductor never adds traffic over eager
+                assert r["bytes_ratio"] == pytest.approx(r["compiled_bytes"] / r["eager_bytes"])
