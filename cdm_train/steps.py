@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import cdm_kernels as ck
-from cdm_kernels.graphs import run_concurrently, run_sequentially
+from cdm_kernels.graphs import run_overlapped, run_sequentially
 
 from .cond import Cond, ModelAdapter, cond_cat
 from .config import Config
@@ -102,8 +102,10 @@ def _teacher_velocities(cfg: Config, teacher, fake, adapter, cond, uncond, xt_ca
         def fake_calls():
             return (_call(adapter, fake, xt_dm, sg.dm_teacher, cond),
                     _call(adapter, fake, xt_cdm, sg.cdm_teacher, cond))
-    # The real and fake calls are independent: with overlap_teacher_calls they run on two CUDA streams.
-    pair = run_concurrently if cfg.speed.overlap_teacher_calls else run_sequentially
+    # The real and fake calls are independent: with overlap_teacher_calls they run on two CUDA streams. A call
+    # whose teacher graphs are not captured yet runs sequentially (captures never happen concurrently: they can
+    # hang the GPU, docs/graphs.md); the later calls with the same shapes overlap.
+    pair = run_overlapped if cfg.speed.overlap_teacher_calls else run_sequentially
     with torch.no_grad():
         (v_cond, v_uncond, v_real_dm, v_real_cdm), (v_fake_dm, v_fake_cdm) = pair(real_calls, fake_calls,
                                                                                 device=xt_ca.device)
