@@ -21,7 +21,9 @@ stride (0 when it holds one value); ``split_sigma`` turns the public form into t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -214,6 +216,50 @@ def loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
 def round_bf16_needed(dtype: torch.dtype) -> bool:
     # The interpreter truncates fp32 -> bf16; round to nearest even by hand there.
     return INTERPRET and dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- launch recording
+
+
+class _RecordedKernel:
+    """Stands in for one @triton.jit kernel: logs each launch by name, then runs it (or not)."""
+
+    def __init__(self, name: str, kernel, log: list[str], run: bool):
+        self.name, self.kernel, self.log, self.run = name, kernel, log, run
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            if self.run:
+                return self.kernel[grid](*args, **kwargs)
+            return None
+
+        return launch
+
+
+@contextlib.contextmanager
+def record_launches(*, run: bool = True):
+    """Yield a list that receives ``"module.kernel"`` for every Triton launch of the fused ops inside.
+
+    ``run=False`` stubs the launches out (outputs stay uninitialised): the host-path benchmark times
+    everything but the kernel. Kernels are module globals named ``*_kernel`` that the launchers look
+    up at call time, so swapping the module attributes is enough (device functions are left alone).
+    Not thread-safe; for tests and benchmarks only.
+    """
+    log: list[str] = []
+    saved = []
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("cdm_kernels.ops.") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if attr.endswith("_kernel") and HAS_TRITON and isinstance(value, triton.runtime.jit.KernelInterface):
+                saved.append((mod, attr, value))
+                setattr(mod, attr, _RecordedKernel(f"{mod_name.rsplit('.', 1)[-1]}.{attr}", value, log, run))
+    try:
+        yield log
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
 
 
 # ----------------------------------------------------------------------------- device helpers
