@@ -14,7 +14,9 @@ kernel by a stub that only counts its launches, so "launches" is what a GPU call
     .venv/bin/python benchmarks/bench_host_path.py --runs 9 --calls 100 --json out.json
 
 Targets (issue 25): <= 25 us per forward call, <= 50 us per forward+backward, and below the eager
-reference. Timings on a shared machine are noisy: medians of many runs, comparable only on one machine.
+reference. Timings on a shared machine are noisy: the clock is this thread's CPU time (time.thread_time: time
+spent descheduled while other processes run does not count), fused and eager runs alternate (both see the same
+load), and each figure is the median of many runs; comparable only on one machine.
 """
 
 from __future__ import annotations
@@ -78,16 +80,11 @@ def cases():
     ]
 
 
-def per_call_us(fn, calls: int, runs: int) -> float:
-    for _ in range(max(20, calls // 5)):
+def one_run_us(fn, calls: int) -> float:
+    t0 = time.thread_time()
+    for _ in range(calls):
         fn()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+    return (time.thread_time() - t0) / calls * 1e6
 
 
 def main(argv=None) -> int:
@@ -105,12 +102,17 @@ def main(argv=None) -> int:
     for name, kind, fn in cases():
         if keep and not any(name.startswith(k) for k in keep):
             continue
+        fused_runs, eager_runs = [], []
         with backend.accepting_any_device("triton"), ck.use_backend("triton"), record_launches(run=False) as log:
-            fused = per_call_us(lambda: fn(ck), args.calls, args.runs)
-            log.clear()
             fn(ck)
             launches = len(log)
-        eager = per_call_us(lambda: fn(ref), args.calls, args.runs)
+            for i in range(args.runs + 2):  # alternating, the first pair is a warm-up
+                f = one_run_us(lambda fn=fn: fn(ck), args.calls)
+                e = one_run_us(lambda fn=fn: fn(ref), args.calls)
+                if i >= 2:
+                    fused_runs.append(f)
+                    eager_runs.append(e)
+        fused, eager = statistics.median(fused_runs), statistics.median(eager_runs)
         target = TARGET_FWD_US if kind == "fwd" else TARGET_FWD_BWD_US
         rows.append({"op": name, "pass": kind, "fused_us": round(fused, 2), "eager_reference_us": round(eager, 2),
                      "launches": launches, "target_us": target,
