@@ -103,6 +103,9 @@ else
   # (the seeded references' Philox took over 25 min on a CPU) must not starve the other figures.
   step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --providers reference,triton \
     --json "$OUT/bench_ops.json" --markdown "$OUT/bench_ops.md"
+  # Issue 25: >= 85% of the copy bandwidth at >= 256 MiB per input (720p video, B16, fp32), launches per call.
+  step bench_ops_large 90 "$PY" benchmarks/bench_ops.py --device cuda --large --quick --providers reference,triton \
+    --json "$OUT/bench_ops_large.json" --markdown "$OUT/bench_ops_large.md"
 fi
 if [ "$DRY" = 1 ]; then
   # No CUDA: every gpu-marked test must skip cleanly (that is what is checked here).
