@@ -118,6 +118,9 @@ class SpeedConfig:
     compile_student: bool = False  # regional torch.compile of the student's transformer blocks
     rollout_graphs: bool = False  # the student's no-grad rollout as graphs, one per batch size
     rollout_graph_mode: str = "capture"  # capture (GraphedForward) | compile (torch.compile reduce-overhead)
+    # The student step's CA + DM + CDM loss block (after the model forwards) as one torch.compile(fullgraph)
+    # region on CUDA: the weighted sum and its backward fuse, one Python call. Eager on the CPU. Off until measured.
+    compile_loss_block: bool = False
 
 
 @dataclass
