@@ -117,7 +117,7 @@ else
   # tests first (the diagnosis), then the rest (one child process per test: ~5 s each of start-up).
   TWO_STREAMS="tests/test_graphs.py::test_gpu_concurrent_replay_on_two_streams_equals_sequential"
   TWO_STREAMS_OVERLAPPED="tests/test_graphs.py::test_gpu_run_overlapped_first_call_captures_sequentially"
-  step pytest_gpu_two_streams 200 "$PY" -m pytest -v -p no:cacheprovider -rs "$TWO_STREAMS" "$TWO_STREAMS_OVERLAPPED"
+  step pytest_gpu_two_streams 120 "$PY" -m pytest -v -p no:cacheprovider -rs "$TWO_STREAMS" "$TWO_STREAMS_OVERLAPPED"
   step pytest_gpu 240 "$PY" -m pytest -v -m gpu -p no:cacheprovider -rs --durations 10 tests/ \
     --deselect "$TWO_STREAMS" --deselect "$TWO_STREAMS_OVERLAPPED"
 fi
