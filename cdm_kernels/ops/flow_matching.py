@@ -103,11 +103,10 @@ if HAS_TRITON:
 
 def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
     batch = pred_v.shape[0]
-    device = pred_v.device
     n = row_size(pred_v)
-    loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
+    loss = pred_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
     block, chunk, n_chunks = reduce_sizes(n, batch, pred_v.device)
-    part = torch.empty((batch, n_chunks), dtype=torch.float32, device=device)
+    part = pred_v.new_empty((batch, n_chunks), dtype=torch.float32)
     pr, p_bs = as_rows(pred_v)
     xr, x_bs = as_rows(x0)
     nr, n_bs = as_rows(noise) if noise is not None else (pr, 0)
@@ -126,7 +125,7 @@ def _forward_fake(pred_v, x0, noise, seed, offset, reduction):
 
 
 def _backward_triton(grad_loss, pred_v, x0, noise, seed, offset, reduction):
-    out = torch.empty(pred_v.shape, dtype=pred_v.dtype, device=pred_v.device)
+    out = torch.empty_like(pred_v, memory_format=torch.contiguous_format)
     n = row_size(pred_v)
     if out.numel() == 0:
         return out

@@ -63,8 +63,8 @@ if HAS_TRITON:
 
 
 def _predict_triton(xt, v, noise, s_t, s, st_t, st, seed, offset):
-    x0 = torch.empty(xt.shape, dtype=xt.dtype, device=xt.device)
-    xtt = torch.empty(xt.shape, dtype=xt.dtype, device=xt.device)
+    x0 = torch.empty_like(xt, memory_format=torch.contiguous_format)  # (cheaper than torch.empty(shape, ...))
+    xtt = torch.empty_like(xt, memory_format=torch.contiguous_format)
     n = row_size(xt)
     if xt.numel() == 0:
         return x0, xtt

@@ -164,10 +164,10 @@ def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale
     batch = student_v.shape[0]
     device = student_v.device
     n = row_size(student_v)
-    loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
-    coef = torch.empty((batch,), dtype=torch.float32, device=device)
+    loss = student_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
+    coef = student_v.new_empty((batch,), dtype=torch.float32)
     block, chunk, n_chunks = reduce_sizes(n, batch, device)
-    part = torch.empty((4, batch, n_chunks), dtype=torch.float32, device=device)
+    part = student_v.new_empty((4, batch, n_chunks), dtype=torch.float32)
     rows = [as_rows(t) for t in (student_v, a_v, b_v, xt, xt_teacher)]
     S, sv, ss, hs = sigma_launch_args(s_t, s, part)
     ST, stv, sts, hst = sigma_launch_args(st_t, st, part)
@@ -191,7 +191,7 @@ def _forward_fake(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, 
 
 
 def _backward_triton(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, alpha, beta, out_dtype):
-    out = torch.empty(a_v.shape, dtype=out_dtype, device=a_v.device)
+    out = torch.empty_like(a_v, dtype=out_dtype, memory_format=torch.contiguous_format)
     n = row_size(a_v)
     if out.numel() == 0:
         return out
