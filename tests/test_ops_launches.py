@@ -114,6 +114,9 @@ def test_fast_path_equals_the_custom_op(name, dtype):
             loss.backward()
         custom = [op for op in seen.ops if op.startswith("cdm_kernels.")]
         assert bool(custom) == forced, seen.ops
+        # which autograd node was recorded tells the paths apart: the eager twin's Function or the custom op's
+        node = type(loss.grad_fn).__name__
+        assert ("GeneratedBackwardFor_cdm_kernels" in node) == forced and ("_eagerBackward" in node) != forced, node
         results.append((loss.detach(), v.grad, None if xt.grad is None else xt.grad.clone()))
         xt.grad = None
     (l0, g0, x0), (l1, g1, x1) = results
