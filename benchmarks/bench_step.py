@@ -60,7 +60,7 @@ from cdm_train.trainer import Trainer  # noqa: E402
 FAST_EXTRA = ["fp8_attention_teacher", "fp8_attention_fake", "fp8_attention_rollout", "fp8_linear_teacher",
               "cuda_graphs_teacher", "overlap_teacher_calls", "rollout_graphs"]
 ABLATABLE = ["shared_student_forward", "early_exit_rollout", "batched_teacher_calls", "backend", *FAST_EXTRA,
-             "compile_student"]
+             "compile_student", "compile_loss_block"]
 
 
 def _sync(device):

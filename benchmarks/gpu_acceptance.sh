@@ -80,6 +80,13 @@ if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
   # Every switch on (FP8 no-grad passes, teacher graphs, overlap, rollout graphs): the fast mode only, same shape.
   step bench_step_all 120 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 \
     --batch 4 --layers 4 --iters 8 --warmup 3 --all-switches --only fast
+  # Issue 25: where overlap can pay (LoRA, 512 px, batch 1: small kernels, an idle GPU), and the compiled loss
+  # block; each measured against the same fast mode with that one switch off (--ablate).
+  step bench_step_overlap_small 110 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape \
+    --resolution 512 --batch 1 --layers 4 --iters 8 --warmup 3 --only fast --set lora.student=true \
+    --set lora.fake=true --set speed.cuda_graphs_teacher=true --set speed.overlap_teacher_calls=true \
+    --set speed.compile_loss_block=true --ablate overlap_teacher_calls,compile_loss_block \
+    --json "$OUT/bench_step_overlap_small.json"
 elif [ "$DRY" = 1 ]; then
   step bench_step 120 "$PY" benchmarks/bench_step.py --device cpu --preset tiny --iters 2 --warmup 1 --threads 1 \
     --json "$OUT/bench_step.json"
