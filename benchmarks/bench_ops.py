@@ -37,6 +37,9 @@ SHAPES = {
         ("Flux 1024px", (8, 16, 128, 128), torch.bfloat16),
         ("video 16x21x60x104", (1, 16, 21, 60, 104), torch.bfloat16),
     ],
+    # --large: >= 256 MiB per input (issue 25: every fused op at >= 85% of the copy bandwidth there): 720p,
+    # 81 frames (21 latent frames of 90x160), batch 16, fp32 = 296 MiB per tensor.
+    "cuda-large": [("video 720p B16 (296 MiB)", (16, 16, 21, 90, 160), torch.float32)],
 }
 
 # name -> (inputs read, outputs written, differentiable input count, builder)
@@ -135,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default="", help="also write one record per figure to this JSON file")
     parser.add_argument("--shape", default="", help="run only the shapes whose label contains this text")
+    parser.add_argument("--large", action="store_true", help="CUDA: the >= 256 MiB video shape instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,16 +146,17 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device")
     reps, warmup = (10, 2) if args.quick else (50, 5)
-    shapes = SHAPES[device][:1] if args.quick else SHAPES[device]
+    table = "cuda-large" if args.large and device == "cuda" else device
+    shapes = SHAPES[table][:1] if args.quick else SHAPES[table]
     if args.shape:
-        shapes = [sh for sh in SHAPES[device] if args.shape in sh[0]]
+        shapes = [sh for sh in SHAPES[table] if args.shape in sh[0]]
     records = []
     ck.set_backend("reference")  # the providers are called directly; nothing goes through auto
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"device: {name}; torch {torch.__version__}; median of {reps} runs; copy bandwidth measured per "
              "shape on one input-sized tensor", "",
              "| shape | op | provider | median ms | GB/s (minimal bytes) | % of copy BW | speed-up vs eager | "
-             "peak extra MiB |", "|---|---|---|---|---|---|---|---|"]
+             "peak extra MiB | launches |", "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     hbm_bw = None
     if device == "cuda":
@@ -206,6 +211,13 @@ def main(argv=None):
 
                 try:
                     once()  # compile / warm up outside the timing and the memory measurement
+                    launches = ""
+                    if pname == "triton":  # kernel launches of one call (cdm_kernels.ops.utils.record_launches)
+                        from cdm_kernels.ops.utils import record_launches
+
+                        with record_launches() as log:
+                            once()
+                        launches = len(log)
                     extra = "n/a"
                     if device == "cuda":
                         torch.cuda.synchronize()
@@ -228,13 +240,14 @@ def main(argv=None):
                 gbps = minimal_bytes / sec / 1e9
                 speedup = f"{eager_sec / sec:.2f}x" if eager_sec else ""
                 row = (f"| {shape_label} {str(dtype).replace('torch.', '')} | {label} | {pname} | {sec * 1e3:.3f} | "
-                       f"{gbps:.1f} | {100 * gbps / copy_bw:.0f}% | {speedup} | {extra} |")
+                       f"{gbps:.1f} | {100 * gbps / copy_bw:.0f}% | {speedup} | {extra} | {launches} |")
                 lines.append(row)
                 print(row, flush=True)
                 records.append({"figure": "op_time", "shape": shape_label, "dtype": str(dtype), "op": label,
                                 "provider": pname, "median_ms": sec * 1e3, "gbps": gbps,
                                 "fraction_of_copy_bw": gbps / copy_bw,
                                 "speedup_vs_eager": (eager_sec / sec) if eager_sec else None, "device": name,
+                                "launches": launches if launches != "" else None,
                                 "fraction_of_hbm_copy_bw": (gbps / hbm_bw) if hbm_bw else None})
                 _dump(args.json, records)  # after every row: a run cut short by a timeout keeps what it measured
             compiled = seconds.get("compile(reference)")

@@ -17,8 +17,11 @@ Prints a table, then as the last line a JSON object:
 Graphs / overlap / compile (docs/graphs.md, RESULTS_e2e.md):
     --all-switches   fast mode also turns on FP8 no-grad passes, CUDA graphs, two-stream overlap,
                      rollout graphs and (with --compile) regional compile of the student
-    --compile        fast mode compiles the student's transformer blocks; compile time is reported
-                     separately (see "Capture / compile in timed iterations" below)
+    --compile        fast mode compiles every network's transformer blocks (speed.compile_blocks); compile
+                     time is reported separately (see "Capture / compile in timed iterations" below)
+    --reference-checkpointing full|none
+                     the reference mode's memory plan: full (default: the official launch, gradient
+                     checkpointing of student and fake teacher) or none (the 2026-12-04 GPU run's baseline)
     --ablate A,B|all one extra mode per switch: fast mode with that one switch off (run one mode at a
                      time after the main pair, so peak memory stays that of one trainer)
 Per phase (rollout / fake step / student step) times come from CUDA events (host timers on CPU);
@@ -60,7 +63,7 @@ from cdm_train.trainer import Trainer  # noqa: E402
 FAST_EXTRA = ["fp8_attention_teacher", "fp8_attention_fake", "fp8_attention_rollout", "fp8_linear_teacher",
               "cuda_graphs_teacher", "overlap_teacher_calls", "rollout_graphs"]
 ABLATABLE = ["shared_student_forward", "early_exit_rollout", "batched_teacher_calls", "backend", *FAST_EXTRA,
-             "compile_student"]
+             "compile_blocks", "compile_loss_block"]
 
 
 def _sync(device):
@@ -76,13 +79,13 @@ def build(mode: str, args) -> Trainer:
         if args.layers is not None:
             overrides += [f"model.layers={args.layers}"]
     if mode != "reference":
-        extra = (FAST_EXTRA if args.all_switches else []) + (["compile_student"] if args.compile else [])
+        extra = (FAST_EXTRA if args.all_switches else []) + (["compile_blocks"] if args.compile else [])
         overrides += [f"speed.{name}=true" for name in extra]
         overrides += [f"speed.rollout_graph_mode={args.rollout_graph_mode}"]
     overrides += list(args.set or [])
     cfg = make_config(args.preset, overrides=overrides)
     if mode == "reference":
-        reference_mode(cfg)
+        reference_mode(cfg, official_memory_plan=args.reference_checkpointing == "full")
     elif mode.startswith("fast-no-"):
         switch = mode[len("fast-no-"):]
         if switch == "backend":
@@ -228,7 +231,7 @@ def _ablations(args) -> list[str]:
         raise SystemExit(f"--ablate: unknown switch(es) {bad}; choose from {ABLATABLE}")
     if args.ablate == "all":  # only the switches the fast mode has on
         on = set(ABLATABLE[:4]) | (set(FAST_EXTRA) if args.all_switches else set())
-        on |= {"compile_student"} if args.compile else set()
+        on |= {"compile_blocks"} if args.compile else set()
         names = [n for n in names if n in on]
     return names
 
@@ -351,6 +354,8 @@ def main(argv=None) -> int:
                    help="run one mode only (its peak GPU memory is then its own)")
     p.add_argument("--all-switches", action="store_true",
                    help="fast mode: also FP8 no-grad passes, CUDA graphs, overlap, rollout graphs")
+    p.add_argument("--reference-checkpointing", choices=["full", "none"], default="full",
+                   help="the reference mode's memory plan (full: the official launch)")
     p.add_argument("--compile", action="store_true",
                    help="fast mode: regional torch.compile of the student (compile time reported separately)")
     p.add_argument("--rollout-graph-mode", choices=["capture", "compile"], default="capture")

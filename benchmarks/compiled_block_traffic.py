@@ -101,9 +101,9 @@ def compiled_traffic(record: dict):
 
 def block_inputs(family: str, image_tokens_side: int):
     """{block kind: (block, args, kwargs)} captured from one call of the family's model (bf16, batch 1)."""
+    from cdm_kernels.graphs import find_blocks
     from cdm_train.config import make_config
     from cdm_train.models.build import build_teacher
-    from cdm_kernels.graphs import find_blocks
 
     preset, layers = FAMILIES[family]
     resolution = image_tokens_side * 16  # latent = resolution / 8, then 2x2 patches (SD3) or packing (Flux)

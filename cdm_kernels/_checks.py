@@ -26,7 +26,7 @@ def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
                          f"{tuple(t.shape)}")
     if t.dim() >= 1 and t.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch dimension")
-    per_sample = t[0].numel() if t.dim() >= 1 else 1
+    per_sample = t.numel() // t.shape[0] if t.dim() >= 1 else 1  # (no t[0]: a view costs a microsecond)
     if per_sample > MAX_SAMPLE_NUMEL:
         # The fused kernels index inside one sample with 32-bit offsets (the batch offset is 64-bit).
         raise ValueError(f"{name}: one sample holds {per_sample} elements (shape {tuple(t.shape)}); the fused "
@@ -36,9 +36,12 @@ def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
 
 
 def check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
-    check_tensor(name, t)
+    """t is a supported tensor of ref's shape on ref's device (ref already passed check_tensor)."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in SUPPORTED_DTYPES:
+        check_tensor(name, t)  # raises with the precise message
     if t.shape != ref.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    # Same shape as a checked ref: the dimension, batch and per-sample checks hold already.
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
     return t
@@ -46,9 +49,11 @@ def check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
 
 def check_sigma(name: str, sigma, ref: torch.Tensor):
     """Accept a Python number, a 0-d tensor, a (B,) tensor or a (B, 1, ..., 1) tensor."""
+    if type(sigma) is float:  # the common cases first: numbers.Real is an ABC check (~1 us)
+        return sigma
     if isinstance(sigma, bool):
         raise ValueError(f"{name} must be a float or a tensor, got bool")
-    if isinstance(sigma, numbers.Real):
+    if not isinstance(sigma, torch.Tensor) and isinstance(sigma, numbers.Real):
         return float(sigma)
     if not isinstance(sigma, torch.Tensor):
         raise ValueError(f"{name} must be a float or a tensor, got {type(sigma).__name__}")
@@ -58,10 +63,10 @@ def check_sigma(name: str, sigma, ref: torch.Tensor):
         raise ValueError(f"{name} is on {sigma.device} but the data is on {ref.device}")
     batch = ref.shape[0]
     shape = tuple(sigma.shape)
-    if sigma.dim() == 0:
+    if not shape:
         return sigma
-    ok_1d = sigma.dim() == 1 and shape[0] in (1, batch)
-    ok_nd = (sigma.dim() == ref.dim() and shape[0] in (1, batch) and all(s == 1 for s in shape[1:]))
+    ok_1d = len(shape) == 1 and shape[0] in (1, batch)
+    ok_nd = ok_1d or (len(shape) == ref.dim() and shape[0] in (1, batch) and all(s == 1 for s in shape[1:]))
     if not (ok_1d or ok_nd):
         raise ValueError(f"{name} must be a float, a ({batch},) tensor or a ({batch}, 1, ..., 1) tensor "
                          f"matching the data's {ref.dim()} dims, got shape {shape}")
@@ -69,12 +74,14 @@ def check_sigma(name: str, sigma, ref: torch.Tensor):
 
 
 def check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
+    if type(reduction) is not str or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
 def check_positive(name: str, value) -> float:
+    if type(value) is float and 0.0 < value < float("inf"):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -84,6 +91,8 @@ def check_positive(name: str, value) -> float:
 
 
 def check_finite_number(name: str, value) -> float:
+    if type(value) is float and -float("inf") < value < float("inf"):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

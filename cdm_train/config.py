@@ -125,6 +125,9 @@ class SpeedConfig:
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: debugging and tests)
     rollout_graphs: bool = False  # the student's no-grad rollout as graphs, one per batch size
     rollout_graph_mode: str = "capture"  # capture (GraphedForward) | compile (torch.compile reduce-overhead)
+    # The student step's CA + DM + CDM loss block (after the model forwards) as one torch.compile(fullgraph)
+    # region on CUDA: the weighted sum and its backward fuse, one Python call. Eager on the CPU. Off until measured.
+    compile_loss_block: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import cdm_kernels as ck
-from cdm_kernels.graphs import run_concurrently, run_sequentially
+from cdm_kernels.graphs import run_overlapped, run_sequentially
 
 from .cond import Cond, ModelAdapter, cond_cat
 from .config import Config
@@ -102,8 +102,10 @@ def _teacher_velocities(cfg: Config, teacher, fake, adapter, cond, uncond, xt_ca
         def fake_calls():
             return (_call(adapter, fake, xt_dm, sg.dm_teacher, cond),
                     _call(adapter, fake, xt_cdm, sg.cdm_teacher, cond))
-    # The real and fake calls are independent: with overlap_teacher_calls they run on two CUDA streams.
-    pair = run_concurrently if cfg.speed.overlap_teacher_calls else run_sequentially
+    # The real and fake calls are independent: with overlap_teacher_calls they run on two CUDA streams. A call
+    # whose teacher graphs are not captured yet runs sequentially (captures never happen concurrently: they can
+    # hang the GPU, docs/graphs.md); the later calls with the same shapes overlap.
+    pair = run_overlapped if cfg.speed.overlap_teacher_calls else run_sequentially
     with torch.no_grad():
         (v_cond, v_uncond, v_real_dm, v_real_cdm), (v_fake_dm, v_fake_cdm) = pair(real_calls, fake_calls,
                                                                                 device=xt_ca.device)
@@ -140,14 +142,47 @@ def student_losses(cfg: Config, student, teacher, fake, adapter: ModelAdapter, r
     v_cond, v_uncond, v_real_dm, v_fake_dm, v_real_cdm, v_fake_cdm = _teacher_velocities(
         cfg, teacher, fake, adapter, cond, uncond, xt_ca, xt_dm, xt_cdm, sg)
 
-    ca = ck.cfg_loss(v_ca, v_cond, v_uncond, x_i, xt_ca, s_i, sg.ca_teacher, guidance_scale=lc.guidance_scale,
-                     norm_clip_min=lc.norm_clip_min)
-    dm = ck.dm_loss(v_dm, v_real_dm, v_fake_dm, x_i, xt_dm, s_i, sg.dm_teacher, norm_clip_min=lc.norm_clip_min)
-    if use_cdm:
-        cdm = ck.dm_loss(v_p, v_real_cdm, v_fake_cdm, x_p, xt_cdm, sg.cdm_student, sg.cdm_teacher,
-                         norm_clip_min=lc.norm_clip_min)
-    else:
-        cdm = torch.zeros((), device=x_i.device)
-    total = lc.ca_weight * ca + lc.dm_weight * dm + lc.cdm_weight * cdm
+    block = compiled_loss_block(x_i.device) if cfg.speed.compile_loss_block else None
+    ca, dm, cdm, total = (block or loss_block)(
+        v_ca, v_cond, v_uncond, x_i, xt_ca, s_i, sg.ca_teacher, v_dm, v_real_dm, v_fake_dm, xt_dm, sg.dm_teacher,
+        v_p if use_cdm else None, v_real_cdm, v_fake_cdm, x_p, xt_cdm, sg.cdm_student, sg.cdm_teacher,
+        guidance_scale=lc.guidance_scale, norm_clip_min=lc.norm_clip_min, ca_weight=lc.ca_weight,
+        dm_weight=lc.dm_weight, cdm_weight=lc.cdm_weight)
     return StudentLosses(ca=ca, dm=dm, cdm=cdm, total=total, student_nfe=student_nfe, teacher_nfe=4 * b,
                          fake_nfe=2 * b)
+
+
+def loss_block(v_ca, v_cond, v_uncond, x_i, xt_ca, s_i, s_ca, v_dm, v_real_dm, v_fake_dm, xt_dm, s_dm,
+               v_p, v_real_cdm, v_fake_cdm, x_p, xt_cdm, s_cdm, s_cdm_teacher, *, guidance_scale: float,
+               norm_clip_min: float, ca_weight: float, dm_weight: float, cdm_weight: float):
+    """(ca, dm, cdm, total): the student step's losses from the model outputs (v_p None: no CDM term).
+
+    A pure function of tensors and constants, so that speed.compile_loss_block can run it as one compiled
+    region (the three fused losses stay custom ops in the graph; the weighted sum and its backward fuse).
+    """
+    ca = ck.cfg_loss(v_ca, v_cond, v_uncond, x_i, xt_ca, s_i, s_ca, guidance_scale=guidance_scale,
+                     norm_clip_min=norm_clip_min)
+    dm = ck.dm_loss(v_dm, v_real_dm, v_fake_dm, x_i, xt_dm, s_i, s_dm, norm_clip_min=norm_clip_min)
+    if v_p is not None:
+        cdm = ck.dm_loss(v_p, v_real_cdm, v_fake_cdm, x_p, xt_cdm, s_cdm, s_cdm_teacher, norm_clip_min=norm_clip_min)
+    else:
+        cdm = torch.zeros((), device=x_i.device)
+    total = ca_weight * ca + dm_weight * dm + cdm_weight * cdm
+    return ca, dm, cdm, total
+
+
+# torch.compile backend of the loss block per device type: inductor on CUDA; None (eager) on the CPU, where
+# inductor's C++ compile would cost more than the block. Tests set "cpu" to a backend to run the region there.
+LOSS_BLOCK_BACKENDS: dict[str, str | None] = {"cuda": "inductor", "cpu": None}
+_COMPILED_BLOCKS: dict[str, object] = {}
+
+
+def compiled_loss_block(device: torch.device):
+    """The compiled loss block for `device` (built once per backend), or None where it runs eagerly."""
+    backend = LOSS_BLOCK_BACKENDS.get(device.type)
+    if backend is None:
+        return None
+    if backend not in _COMPILED_BLOCKS:
+        # fullgraph: a graph break would silently split the region; static shapes (one compile per batch size).
+        _COMPILED_BLOCKS[backend] = torch.compile(loss_block, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED_BLOCKS[backend]

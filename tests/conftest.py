@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    # Every GPU test runs in a child process under a hard deadline (tests/isolation.py): a hang inside CUDA
+    # cannot be interrupted from within the process, and must fail the test instead of the whole run.
+    from .isolation import run_isolated, should_isolate
+
+    if should_isolate(pyfuncitem):
+        run_isolated(pyfuncitem)
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _reset_backend():
     import cdm_kernels

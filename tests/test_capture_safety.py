@@ -13,10 +13,10 @@ import importlib.util
 import pytest
 import torch
 
+import cdm_train.accelerations as accelerations_mod
 from cdm_kernels.graphs import GraphedForward
 from cdm_kernels.graphs.capture_safety import CaptureSafetyError, CaptureSafetyMode, capture_checked, check_capture_safe
 from cdm_train import graphs as train_graphs
-from cdm_train import trainer as trainer_mod
 from cdm_train.config import make_config
 
 from .helpers import one_iteration
@@ -157,7 +157,7 @@ def _checked_iteration(monkeypatch, tmp_path, preset, *overrides, device="cpu"):
             fn.fn = capture_checked(fn.fn, where=f"the {fn.name} graph ({preset})", calls=calls)
         return wrapper
 
-    monkeypatch.setattr(trainer_mod, "apply_graph_switches", apply)
+    monkeypatch.setattr(accelerations_mod, "apply_graph_switches", apply)
     base = [f"train.out_dir={tmp_path}", "train.progress=false", "train.tensorboard=false", "train.batch_size=3",
             f"train.device={device}"]
     out = one_iteration(make_config(preset, overrides=base + SWITCHES + list(overrides)))

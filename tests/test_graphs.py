@@ -15,15 +15,19 @@ import logging
 import pytest
 import torch
 
+import cdm_train.accelerations as accelerations_mod
 from cdm_kernels.graphs import (
+    CaptureInConcurrentRegionError,
     GraphedForward,
     ShapeKeyedCache,
     compile_blocks,
     find_blocks,
     flatten,
+    in_concurrent_region,
     input_key,
     is_compiled,
     run_concurrently,
+    run_overlapped,
     unflatten,
 )
 from cdm_train import graphs as train_graphs
@@ -38,7 +42,10 @@ from .helpers import one_iteration, tiny_config
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                                      reason="needs diffusers (carry its wheel to the GPU machine)")
 
-NEW_SWITCHES = ["speed.cuda_graphs_teacher=true", "speed.overlap_teacher_calls=true", "speed.compile_student=true",
+# compile_blocks with the eager backend: dynamo traces every network's blocks (inductor's CPU compile is tested in
+# test_accelerations.py).
+NEW_SWITCHES = ["speed.cuda_graphs_teacher=true", "speed.overlap_teacher_calls=true", "speed.compile_blocks=true",
+                "speed.compile_backend=eager",
                 "speed.rollout_graphs=true"]
 FIXED = "schedule.fixed=[1.0, 0.85, 0.6, 0.45, 0.3]"
 
@@ -160,6 +167,55 @@ def test_run_concurrently_falls_back_to_sequential_on_cpu():
     assert run_concurrently(lambda: 1, lambda: 2, device=None) == (1, 2)
 
 
+def test_run_concurrently_refuses_a_capture_and_replays_after_prepare():
+    # A first capture inside the concurrent region is what can hang the GPU (docs/graphs.md): it must be
+    # refused before anything is captured, on every device (simulated graphs stand in for CUDA graphs here).
+    lin_a, lin_b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    g_a, g_b = GraphedForward(lin_a, name="a", simulate=True), GraphedForward(lin_b, name="b", simulate=True)
+    x4, x2 = torch.randn(4, 3), torch.randn(2, 3)
+    seen = []
+
+    def side():
+        seen.append(in_concurrent_region())
+        return g_b(x2)
+
+    with torch.no_grad():
+        with pytest.raises(CaptureInConcurrentRegionError, match="'b'.*prepare"):
+            run_concurrently(lambda: g_a(x4), side, device=x4.device)
+        assert g_b.stats.captures == 0 and g_b.num_graphs == 0 and seen == [True]
+        assert not in_concurrent_region()  # the region ends with the exception
+        assert g_a.prepare(x4) and g_b.prepare(x2)
+        assert not g_a.prepare(x4) and not g_a.would_capture(torch.zeros(4, 3)) and g_a.would_capture(x2)
+        for _ in range(3):
+            a, b = run_concurrently(lambda: g_a(x4), side, device=x4.device)
+        torch.testing.assert_close(a, lin_a(x4), rtol=0, atol=0)
+        torch.testing.assert_close(b, lin_b(x2), rtol=0, atol=0)
+        # a new shape inside the region: refused again (the main callable this time), nothing captured
+        with pytest.raises(CaptureInConcurrentRegionError, match="'a'"):
+            run_concurrently(lambda: g_a(x2), side, device=x4.device)
+    assert g_a.stats.captures == g_b.stats.captures == 1 and g_a.stats.replays == 4  # prepare's call + 3
+
+
+def test_run_overlapped_captures_outside_the_region_then_overlaps(monkeypatch):
+    lin_a, lin_b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    regions = []
+
+    class Recording(GraphedForward):
+        def _capture(self, leaves, structure):
+            regions.append(in_concurrent_region())
+            return super()._capture(leaves, structure)
+
+    g_a, g_b = Recording(lin_a, name="a", simulate=True), Recording(lin_b, name="b", simulate=True)
+    x4, x2 = torch.randn(4, 3), torch.randn(2, 3)
+    with torch.no_grad():
+        for _ in range(3):
+            a, b = run_overlapped(lambda: g_a(x4), lambda: g_b(x2), device=x4.device)
+            torch.testing.assert_close(a, lin_a(x4), rtol=0, atol=0)
+            torch.testing.assert_close(b, lin_b(x2), rtol=0, atol=0)
+    assert regions == [False, False]  # both captures happened outside any concurrent region
+    assert g_a.stats.captures == g_b.stats.captures == 1
+
+
 def test_graphed_adapter_routes_only_no_grad_calls():
     class Base:
         def __call__(self, model, x, sigma, cond):
@@ -254,7 +310,7 @@ def test_new_switches_change_nothing_with_simulated_graphs_and_compile(tmp_path,
         installed.append(models)
         return train_graphs.apply_graph_switches(cfg, models, compile_backend="eager", simulate=True)
 
-    monkeypatch.setattr(trainer_mod, "apply_graph_switches", apply)
+    monkeypatch.setattr(accelerations_mod, "apply_graph_switches", apply)
     base = _base_iteration(tmp_path)
     fast = one_iteration(tiny_config(tmp_path, FIXED, "train.batch_size=5", *NEW_SWITCHES))
     _assert_same(base, fast, rtol=1e-5, atol=1e-6)
@@ -363,7 +419,7 @@ def test_gpu_replay_after_optimizer_step_sees_new_weights():
 
 
 @needs_diffusers
-@pytest.mark.gpu
+@pytest.mark.gpu(timeout_s=90)
 def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
     dev = torch.device("cuda")
     real, fake = _tiny_sd3(dev, 0).eval(), _tiny_sd3(dev, 1).eval()
@@ -372,6 +428,10 @@ def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
     x2, s2, c2 = _sd3_inputs(4, dev, 1)
     with torch.no_grad():
         expected = (_sd3_call(real)(x4, s4, c4), _sd3_call(fake)(x2, s2, c2))
+        # The hang on the H200 came with first captures inside run_concurrently: now refused, so capture first.
+        with pytest.raises(CaptureInConcurrentRegionError):
+            run_concurrently(lambda: g_real(x4, s4, c4), lambda: g_fake(x2, s2, c2), device=dev)
+        assert g_real.prepare(x4, s4, c4) and g_fake.prepare(x2, s2, c2)
         for _ in range(3):
             a, b = run_concurrently(lambda: g_real(x4, s4, c4), lambda: g_fake(x2, s2, c2), device=dev)
             # use the results on the main stream right away (no host sync in between)
@@ -383,7 +443,24 @@ def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
     # naming the same pool would be distinct tuple objects, so an identity check could not fail).
     assert g_real.pool is not None and tuple(g_real.pool) != tuple(g_fake.pool)
     assert g_real.stats.captures == g_fake.stats.captures == 1
-    assert g_real.stats.replays == g_fake.stats.replays == 3
+    assert g_real.stats.replays == g_fake.stats.replays == 4  # prepare's call + 3 concurrent
+
+
+@needs_diffusers
+@pytest.mark.gpu(timeout_s=90)
+def test_gpu_run_overlapped_first_call_captures_sequentially():
+    dev = torch.device("cuda")
+    real, fake = _tiny_sd3(dev, 0).eval(), _tiny_sd3(dev, 1).eval()
+    g_real, g_fake = GraphedForward(_sd3_call(real), name="real"), GraphedForward(_sd3_call(fake), name="fake")
+    x4, s4, c4 = _sd3_inputs(8, dev, 0)
+    x2, s2, c2 = _sd3_inputs(4, dev, 1)
+    with torch.no_grad():
+        expected = (_sd3_call(real)(x4, s4, c4), _sd3_call(fake)(x2, s2, c2))
+        for _ in range(3):
+            a, b = run_overlapped(lambda: g_real(x4, s4, c4), lambda: g_fake(x2, s2, c2), device=dev)
+    torch.testing.assert_close(a, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(b, expected[1], rtol=0, atol=0)
+    assert g_real.stats.captures == g_fake.stats.captures == 1
 
 
 @needs_diffusers

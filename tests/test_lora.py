@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import cdm_train.accelerations as accelerations_mod
 from cdm_train.config import ConfigError, make_config
 from cdm_train.lora import AdapterView, adapter_state_dict
 from cdm_train.trainer import Trainer
@@ -131,7 +132,7 @@ def test_full_student_with_a_lora_fake_teacher(tmp_path):
     ([*LORA, "train.parallel=fsdp"], "train.parallel"),
     ([*LORA, "speed.cuda_graphs_teacher=true"], "speed.cuda_graphs_teacher"),
     ([*LORA, "speed.fp8_attention_teacher=true"], "speed.fp8_attention_teacher"),
-    ([*LORA, "speed.compile_student=true"], "speed.compile_student"),
+    ([*LORA, "speed.rollout_graphs=true"], "speed.rollout_graphs"),
     ([*LORA, "lora.rank=0"], "lora.rank"),
 ])
 def test_unsupported_combinations_are_refused_naming_the_key(overrides, key):
@@ -276,7 +277,6 @@ def test_full_student_keeps_its_own_speed_switches_with_a_lora_fake(tmp_path, mo
     stay refused."""
     from cdm_kernels.attention.processors import is_patched
     from cdm_train import graphs as train_graphs
-    from cdm_train import trainer as trainer_mod
 
     run = [*FAKE_ONLY, "train.steps=2", "optim.update_ratio=1", "schedule.fixed=[1.0, 0.75, 0.5, 0.25]"]
     plain = Trainer(tiny_config(tmp_path / "plain", *run))
@@ -287,7 +287,7 @@ def test_full_student_keeps_its_own_speed_switches_with_a_lora_fake(tmp_path, mo
         installed.append(models)
         return train_graphs.apply_graph_switches(cfg, models, compile_backend="eager", simulate=True)
 
-    monkeypatch.setattr(trainer_mod, "apply_graph_switches", apply)
+    monkeypatch.setattr(accelerations_mod, "apply_graph_switches", apply)
     fast = Trainer(tiny_config(tmp_path / "fast", *run, "speed.rollout_graphs=true"))
     fast.train()
     stats = train_graphs.graph_stats(installed[-1])

@@ -40,6 +40,14 @@ Design points (why, not what):
   state), a capture already under way, or a failed capture (logged once, then the helper
   stays eager) all call ``fn`` directly.
 
+- **Never captured concurrently**: a capture synchronizes the device, empties the allocator
+  cache and puts the process in global capture mode. Inside ``run_concurrently`` (a
+  *concurrent region*, marked on every device) a signature without a graph raises
+  ``CaptureInConcurrentRegionError`` before anything is enqueued: capture first with
+  ``prepare(...)`` (or let ``run_overlapped`` run that call sequentially). Replays are fine there.
+- **One warm-up stream per device**, created once: ``torch.cuda.Stream()`` hands out pool
+  streams round-robin, so a fresh one per capture could alias run_concurrently's side stream.
+
 ``simulate=True`` runs the same bookkeeping on any device without CUDA graphs (static
 buffers, cache, replays that recompute into the static outputs): it exists so that the
 orchestration is testable on CPU.
@@ -56,7 +64,18 @@ from typing import Any
 
 import torch
 
+from .region import CaptureInConcurrentRegionError, in_concurrent_region
+
 log = logging.getLogger("cdm_kernels.graphs")
+
+_warmup_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _warmup_streams:
+        _warmup_streams[index] = torch.cuda.Stream(device=index)
+    return _warmup_streams[index]
 
 _LEAF = "leaf"
 
@@ -220,6 +239,12 @@ class GraphedForward:
         key = input_key(leaves, structure)
         entry = self.cache.get(key)
         if entry is None:
+            if in_concurrent_region():
+                raise CaptureInConcurrentRegionError(
+                    f"GraphedForward {self.name!r}: no CUDA graph yet for this input signature, and a capture "
+                    f"inside run_concurrently can hang the GPU (device synchronize and global capture mode "
+                    f"while the other stream holds work; docs/graphs.md). Call .prepare(...) with inputs of "
+                    f"this signature before the concurrent region, or use run_overlapped.")
             try:
                 entry = self._capture(leaves, structure)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
@@ -253,6 +278,26 @@ class GraphedForward:
         if torch.cuda.is_current_stream_capturing():
             return "a capture is already under way"
         return None
+
+    def would_capture(self, *args, **kwargs) -> bool:
+        """Whether a call with these arguments would capture a new graph (no side effect)."""
+        leaves, structure = flatten((args, kwargs))
+        if self.eager_reason(leaves) is not None:
+            return False
+        return input_key(leaves, structure) not in self.cache.keys()
+
+    def prepare(self, *args, **kwargs) -> bool:
+        """Warm up and capture the graph for this input signature now (outside any concurrent region).
+
+        Returns True if a graph was captured. Call it before overlapping replays. Runs without gradient
+        (graphs hold no-grad forwards); the output is discarded.
+        """
+        with torch.no_grad():
+            if not self.would_capture(*args, **kwargs):
+                return False
+            captures = self.stats.captures
+            self(*args, **kwargs)
+            return self.stats.captures > captures
 
     def reset(self) -> None:
         """Drop every graph (after replacing parameter tensors, or to free their memory)."""
@@ -289,7 +334,7 @@ class GraphedForward:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.device(device):
             main = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
+            side = _warmup_stream(device)
             side.wait_stream(main)
             with torch.cuda.stream(side), _no_cache_autocast():
                 for _ in range(self.warmup_iters):

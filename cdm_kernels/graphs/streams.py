@@ -16,19 +16,34 @@ Grad mode and autocast are thread-local, so both callables run under the caller'
 settings. Without CUDA, for CPU devices, or while a CUDA graph is being captured, the two
 callables simply run one after the other (side first, as on the GPU, so any lazy
 initialisation happens in the same order).
+
+**No capture inside a concurrent region.** A first CUDA-graph capture inside either callable
+runs ``torch.cuda.graph``'s device-wide synchronize / ``empty_cache`` and a global-mode capture
+while the other stream holds queued work and cross-stream event waits, on a warm-up stream that
+may alias the side stream (``torch.cuda.Stream()`` hands out pool streams round-robin): the
+suspected cause of the two-stream hang seen on the H200 (docs/graphs.md). So both callables
+run inside a *concurrent region* (on every device, the sequential fallback included, so the
+CPU tests see the same rule), and a ``GraphedForward`` asked to capture there raises
+``CaptureInConcurrentRegionError`` before it enqueues anything. Capture first (``prepare``),
+or call ``run_overlapped``, which runs a call that would capture sequentially, outside any
+region, and overlaps the later ones.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from .graphed import flatten
+from .region import CaptureInConcurrentRegionError, concurrent_region, in_concurrent_region  # noqa: F401
 
 A = TypeVar("A")
 B = TypeVar("B")
+
+log = logging.getLogger("cdm_kernels.graphs")
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -58,18 +73,23 @@ def concurrency_available(device: torch.device | str | None) -> bool:
 
 
 def run_sequentially(main_fn: Callable[[], A], side_fn: Callable[[], B], **_: Any) -> tuple[A, B]:
-    """The fallback of run_concurrently (same call order, same results)."""
+    """The fallback of run_concurrently (same call order, same results; no concurrent region)."""
     side = side_fn()
     return main_fn(), side
 
 
 def run_concurrently(main_fn: Callable[[], A], side_fn: Callable[[], B], *,
                      device: torch.device | str | None = None) -> tuple[A, B]:
-    """(main_fn(), side_fn()) with side_fn on a side CUDA stream, overlapping main_fn (see module docstring)."""
+    """(main_fn(), side_fn()) with side_fn on a side CUDA stream, overlapping main_fn (see module docstring).
+
+    Raises CaptureInConcurrentRegionError if either callable would capture a CUDA graph (capture first).
+    """
     if not concurrency_available(device):
-        return run_sequentially(main_fn, side_fn)
+        # Same rule as on the GPU: a capture here would be one there (tests run this path on the CPU).
+        with concurrent_region():
+            return run_sequentially(main_fn, side_fn)
     device = torch.device(device)
-    with torch.cuda.device(device):
+    with torch.cuda.device(device), concurrent_region():
         main = torch.cuda.current_stream(device)
         side = side_stream(device)
         side.wait_stream(main)
@@ -84,3 +104,19 @@ def run_concurrently(main_fn: Callable[[], A], side_fn: Callable[[], B], *,
             if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                 t.record_stream(main)
     return main_out, side_out
+
+
+def run_overlapped(main_fn: Callable[[], A], side_fn: Callable[[], B], *,
+                   device: torch.device | str | None = None) -> tuple[A, B]:
+    """run_concurrently, except that a call which would capture a graph runs sequentially instead.
+
+    For pure callables (no side effects besides their results: the teacher forwards). The refusal is
+    raised before the capturing helper enqueues anything; whatever the callables had queued is dropped
+    (the side stream has been joined) and both run again one after the other outside any region, where
+    the missing graphs are captured. Later calls with the same signatures overlap.
+    """
+    try:
+        return run_concurrently(main_fn, side_fn, device=device)
+    except CaptureInConcurrentRegionError as exc:
+        log.debug("run_overlapped: capturing outside the concurrent region first (%s)", exc)
+        return run_sequentially(main_fn, side_fn)

@@ -15,11 +15,15 @@ import torch
 
 from . import lincomb
 from .utils import (
+    EAGER,
+    F64,
     HAS_TRITON,
+    NS_TRITON,
     REDUCTIONS,
-    any_float64,
     as_rows,
+    cdiv,
     define_op,
+    eager_path,
     elementwise_block,
     finalize_block_sizes,
     loss_shape,
@@ -99,11 +103,10 @@ if HAS_TRITON:
 
 def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
     batch = pred_v.shape[0]
-    device = pred_v.device
     n = row_size(pred_v)
-    loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
+    loss = pred_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
     block, chunk, n_chunks = reduce_sizes(n, batch, pred_v.device)
-    part = torch.empty((batch, n_chunks), dtype=torch.float32, device=device)
+    part = pred_v.new_empty((batch, n_chunks), dtype=torch.float32)
     pr, p_bs = as_rows(pred_v)
     xr, x_bs = as_rows(x0)
     nr, n_bs = as_rows(noise) if noise is not None else (pr, 0)
@@ -122,7 +125,7 @@ def _forward_fake(pred_v, x0, noise, seed, offset, reduction):
 
 
 def _backward_triton(grad_loss, pred_v, x0, noise, seed, offset, reduction):
-    out = torch.empty(pred_v.shape, dtype=pred_v.dtype, device=pred_v.device)
+    out = torch.empty_like(pred_v, memory_format=torch.contiguous_format)
     n = row_size(pred_v)
     if out.numel() == 0:
         return out
@@ -133,7 +136,7 @@ def _backward_triton(grad_loss, pred_v, x0, noise, seed, offset, reduction):
     g_stride = grad_loss.stride(0) if grad_loss.dim() > 0 else 0
     block = elementwise_block(n)
     with lincomb._device_guard(pred_v):
-        _backward_kernel[(triton.cdiv(n, block), batch)](
+        _backward_kernel[(cdiv(n, block), batch)](
             grad_loss, pr, xr, nr, out, g_stride, 1.0 / batch if reduction == "mean" else 1.0, p_bs, x_bs, n_bs, n,
             max(int(seed), 0), int(offset), HAS_NOISE=noise is not None, ROUND_BF16=round_bf16_needed(out.dtype),
             BLOCK=block)
@@ -164,16 +167,23 @@ def _make_backward(ns: str):
 
 flow_matching_backward_op = define_op("flow_matching_backward", BACKWARD_SCHEMA, _backward_triton, _backward_fake)
 flow_matching_op = define_op("flow_matching", SCHEMA, _forward_triton, _forward_fake, _setup_context,
-                             _make_backward)
+                             _make_backward, grad_args=(0,))
 
 
 def make_public(ns: str):
     from .. import reference as ref
 
+    ops = ops_namespace(ns)
+    fast = ops_namespace(EAGER) if ns == NS_TRITON else None  # see euler.make_public
+
     def flow_matching_loss(pred_v, x0, noise=None, *, seed=None, offset=0, reduction="mean"):
-        if any_float64(pred_v, x0, noise):
+        if pred_v.dtype == F64 or x0.dtype == F64 or (noise is not None and noise.dtype == F64):
             return ref.flow_matching_loss(pred_v, x0, noise, seed=seed, offset=offset, reduction=reduction)
-        return ops_namespace(ns).flow_matching(pred_v, x0.detach(), None if noise is None else noise.detach(),
-                                               -1 if seed is None else int(seed), int(offset), reduction)
+        seed = -1 if seed is None else int(seed)
+        if fast is not None and eager_path(pred_v):
+            # grad_args=(0,): the autograd.Function returns no gradient for x0 / noise, nothing to detach.
+            return fast.flow_matching(pred_v, x0, noise, seed, int(offset), reduction)
+        return ops.flow_matching(pred_v, x0.detach(), None if noise is None else noise.detach(), seed, int(offset),
+                                 reduction)
 
     return {"flow_matching_loss": flow_matching_loss}

@@ -13,10 +13,14 @@ import torch
 
 from . import lincomb
 from .utils import (
+    EAGER,
+    F64,
     HAS_TRITON,
-    any_float64,
+    NS_TRITON,
     as_rows,
+    cdiv,
     define_op,
+    eager_path,
     elementwise_block,
     load_sigma,
     ops_namespace,
@@ -59,8 +63,8 @@ if HAS_TRITON:
 
 
 def _predict_triton(xt, v, noise, s_t, s, st_t, st, seed, offset):
-    x0 = torch.empty(xt.shape, dtype=xt.dtype, device=xt.device)
-    xtt = torch.empty(xt.shape, dtype=xt.dtype, device=xt.device)
+    x0 = torch.empty_like(xt, memory_format=torch.contiguous_format)  # (cheaper than torch.empty(shape, ...))
+    xtt = torch.empty_like(xt, memory_format=torch.contiguous_format)
     n = row_size(xt)
     if xt.numel() == 0:
         return x0, xtt
@@ -71,7 +75,7 @@ def _predict_triton(xt, v, noise, s_t, s, st_t, st, seed, offset):
     ST, stv, sts, hst = sigma_launch_args(st_t, st, x0)
     block = elementwise_block(n)
     with lincomb._device_guard(xt):
-        _predict_renoise_kernel[(triton.cdiv(n, block), xt.shape[0])](
+        _predict_renoise_kernel[(cdiv(n, block), xt.shape[0])](
             xtr, vr, nr, x0, xtt, S, ST, sv, stv, ss, sts, xts, vs, ns_, n, max(int(seed), 0), int(offset),
             HAS_S=hs, HAS_ST=hst, HAS_NOISE=noise is not None, ROUND_BF16=round_bf16_needed(xt.dtype),
             BLOCK=block)
@@ -89,21 +93,28 @@ predict_x0_renoise_op = define_op("predict_x0_renoise", PREDICT_SCHEMA, _predict
 def make_public(ns: str):
     from .. import reference as ref
 
+    ops = ops_namespace(ns)
+    fast = ops_namespace(EAGER) if ns == NS_TRITON else None  # see euler.make_public
+
     def renoise(x0, sigma, noise=None, *, seed=None, offset=0):
-        if any_float64(x0, noise):
+        if x0.dtype == F64 or (noise is not None and noise.dtype == F64):
             return ref.renoise(x0, sigma, noise, seed=seed, offset=offset)
         s_t, s = split_sigma(sigma)
         # (1 - s) x0 + s noise
-        return ops_namespace(ns).sigma_lincomb(x0, noise, s_t, s, None, 0.0, 1.0, -1.0, 0.0, 0.0, 1.0, 0.0,
-                                               -1 if seed is None else int(seed), int(offset), x0.dtype)
+        o = fast if fast is not None and eager_path(x0) else ops
+        return o.sigma_lincomb(x0, noise, s_t, s, None, 0.0, 1.0, -1.0, 0.0, 0.0, 1.0, 0.0,
+                               -1 if seed is None else int(seed), int(offset), x0.dtype)
 
     def predict_x0_renoise(xt, v, sigma, sigma_teacher, noise=None, *, seed=None, offset=0):
-        if any_float64(xt, v, noise):
+        if xt.dtype == F64 or v.dtype == F64 or (noise is not None and noise.dtype == F64):
             return ref.predict_x0_renoise(xt, v, sigma, sigma_teacher, noise, seed=seed, offset=offset)
         s_t, s = split_sigma(sigma)
         st_t, st = split_sigma(sigma_teacher)
-        return ops_namespace(ns).predict_x0_renoise(
-            xt.detach(), v.detach(), None if noise is None else noise.detach(), s_t, s, st_t, st,
-            -1 if seed is None else int(seed), int(offset))
+        seed = -1 if seed is None else int(seed)
+        if fast is not None and eager_path(xt):
+            # The implementation, directly: no autograd node, so nothing to detach.
+            return fast.predict_x0_renoise(xt, v, noise, s_t, s, st_t, st, seed, int(offset))
+        return ops.predict_x0_renoise(xt.detach(), v.detach(), None if noise is None else noise.detach(), s_t, s,
+                                      st_t, st, seed, int(offset))
 
     return {"renoise": renoise, "predict_x0_renoise": predict_x0_renoise}

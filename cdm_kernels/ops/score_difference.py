@@ -28,11 +28,15 @@ import torch
 
 from . import lincomb
 from .utils import (
+    EAGER,
+    F64,
     HAS_TRITON,
+    NS_TRITON,
     REDUCTIONS,
-    any_float64,
     as_rows,
+    cdiv,
     define_op,
+    eager_path,
     elementwise_block,
     finalize_block_sizes,
     is_finite,
@@ -160,10 +164,10 @@ def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale
     batch = student_v.shape[0]
     device = student_v.device
     n = row_size(student_v)
-    loss = torch.empty(loss_shape(batch, reduction), dtype=torch.float32, device=device)
-    coef = torch.empty((batch,), dtype=torch.float32, device=device)
+    loss = student_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
+    coef = student_v.new_empty((batch,), dtype=torch.float32)
     block, chunk, n_chunks = reduce_sizes(n, batch, device)
-    part = torch.empty((4, batch, n_chunks), dtype=torch.float32, device=device)
+    part = student_v.new_empty((4, batch, n_chunks), dtype=torch.float32)
     rows = [as_rows(t) for t in (student_v, a_v, b_v, xt, xt_teacher)]
     S, sv, ss, hs = sigma_launch_args(s_t, s, part)
     ST, stv, sts, hst = sigma_launch_args(st_t, st, part)
@@ -187,7 +191,7 @@ def _forward_fake(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, 
 
 
 def _backward_triton(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, alpha, beta, out_dtype):
-    out = torch.empty(a_v.shape, dtype=out_dtype, device=a_v.device)
+    out = torch.empty_like(a_v, dtype=out_dtype, memory_format=torch.contiguous_format)
     n = row_size(a_v)
     if out.numel() == 0:
         return out
@@ -200,7 +204,7 @@ def _backward_triton(grad_loss, coef, a_v, b_v, s_t, s, st_t, st, reduction, alp
     g_scale = 1.0 / batch if reduction == "mean" else 1.0
     block = elementwise_block(n)
     with lincomb._device_guard(a_v):
-        _backward_kernel[(triton.cdiv(n, block), batch)](
+        _backward_kernel[(cdiv(n, block), batch)](
             grad_loss, coef, ar, br, out, S, ST, sv, stv, ss, sts, g_stride, g_scale, a_bs, b_bs, n,
             float(alpha), float(beta), HAS_S=hs, HAS_ST=hst, ROUND_BF16=round_bf16_needed(out_dtype), BLOCK=block)
     return out
@@ -237,33 +241,39 @@ def _make_backward(ns: str):
 score_difference_backward_op = define_op("score_difference_backward", BACKWARD_SCHEMA, _backward_triton,
                                          _backward_fake)
 score_difference_op = define_op("score_difference", SCHEMA, _forward_triton, _forward_fake, _setup_context,
-                                _make_backward)
+                                _make_backward, grad_args=(0, 3))
 
 
 def make_public(ns: str):
     from .. import reference as ref
 
+    ops = ops_namespace(ns)
+    fast = ops_namespace(EAGER) if ns == NS_TRITON else None  # see euler.make_public
+
     def _run(student_v, a_v, b_v, xt, xt_teacher, sigma, sigma_teacher, scale, norm_clip_min, reduction):
         s_t, s = split_sigma(sigma)
         st_t, st = split_sigma(sigma_teacher)
-        loss, _ = ops_namespace(ns).score_difference(student_v, a_v.detach(), b_v.detach(), xt,
-                                                     xt_teacher.detach(), s_t, s, st_t, st, float(scale),
-                                                     float(norm_clip_min), reduction)
-        return loss
+        if fast is not None and eager_path(student_v):
+            # grad_args=(0, 3): the autograd.Function gives the teacher inputs no gradient, nothing to detach.
+            return fast.score_difference(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale,
+                                         norm_clip_min, reduction)[0]
+        return ops.score_difference(student_v, a_v.detach(), b_v.detach(), xt, xt_teacher.detach(), s_t, s, st_t,
+                                    st, scale, norm_clip_min, reduction)[0]
 
     def dm_loss(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher, *, norm_clip_min=0.1,
                 reduction="mean"):
-        if any_float64(student_v, real_v, fake_v, xt, xt_teacher):
+        if F64 in (student_v.dtype, real_v.dtype, fake_v.dtype, xt.dtype, xt_teacher.dtype):
             return ref.dm_loss(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher,
                                norm_clip_min=norm_clip_min, reduction=reduction)
-        return _run(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher, 1.0, norm_clip_min, reduction)
+        return _run(student_v, real_v, fake_v, xt, xt_teacher, sigma, sigma_teacher, 1.0, float(norm_clip_min),
+                    reduction)
 
     def cfg_loss(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher, *, guidance_scale,
                  norm_clip_min=0.1, reduction="mean"):
-        if any_float64(student_v, cond_v, uncond_v, xt, xt_teacher):
+        if F64 in (student_v.dtype, cond_v.dtype, uncond_v.dtype, xt.dtype, xt_teacher.dtype):
             return ref.cfg_loss(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher,
                                 guidance_scale=guidance_scale, norm_clip_min=norm_clip_min, reduction=reduction)
-        return _run(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher, guidance_scale,
-                    norm_clip_min, reduction)
+        return _run(student_v, cond_v, uncond_v, xt, xt_teacher, sigma, sigma_teacher, float(guidance_scale),
+                    float(norm_clip_min), reduction)
 
     return {"dm_loss": dm_loss, "cfg_loss": cfg_loss}

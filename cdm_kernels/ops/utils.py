@@ -21,7 +21,11 @@ stride (0 when it holds one value); ``split_sigma`` turns the public form into t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
+import types
 from collections.abc import Callable
 
 import torch
@@ -42,6 +46,7 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # testing dtype): the public functions of ops/*.py fall back when any data input is fp64.
 SUPPORTED_DTYPES = FAST_DTYPES + (torch.float64,)
 NS_TRITON = "cdm_kernels"
+F64 = torch.float64
 NS_CPP = "cdm_kernels_cpp"
 
 # GPU launch sizes: one 1024-element block per program for elementwise kernels; reductions
@@ -84,19 +89,47 @@ def any_float64(*args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
 
 
+# The eager fast path (see define_op): the same implementations and autograd formulas as the custom ops,
+# called without the torch.library dispatcher. ops_namespace(EAGER).<name> mirrors torch.ops.cdm_kernels.<name>.
+EAGER = "eager"
+_EAGER_OPS = types.SimpleNamespace()
+
+
 def ops_namespace(ns: str):
-    return getattr(torch.ops, ns)
+    return _EAGER_OPS if ns == EAGER else getattr(torch.ops, ns)
+
+
+_functorch_stack = torch._C._functorch.peek_interpreter_stack
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+
+
+def eager_path(t: torch.Tensor) -> bool:
+    """Whether a Triton op on `t` may skip the torch.library dispatcher (and its ~15-30 us of Python per call).
+
+    Only in plain eager execution: not while dynamo traces (it must see the custom op, whose fake function
+    and autograd formula it compiles), not under a dispatch mode (FakeTensorMode, make_fx, the capture-safety
+    checker: they must see the op, not the launch), not for tensor subclasses, not under functorch transforms.
+    `is_compiling()` comes first: dynamo folds it to True and never traces the rest.
+    """
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and _dispatch_stack_len() == 0
+            and _functorch_stack() is None)
 
 
 # ----------------------------------------------------------------------------- definition
 
 
 def define_op(name: str, schema: str, triton_impl: Callable, fake: Callable,
-              setup_context: Callable | None = None, make_backward: Callable | None = None):
+              setup_context: Callable | None = None, make_backward: Callable | None = None,
+              grad_args: tuple[int, ...] = ()):
     """Define ``cdm_kernels::name`` (Triton) and attach fake/autograd to ``cdm_kernels_cpp::name``.
 
-    ``make_backward(ns)`` returns the backward function for the ops of namespace ``ns``.
+    ``make_backward(ns)`` returns the backward function for the ops of namespace ``ns``. Also defines the
+    eager twin ``ops_namespace(EAGER).name``: the implementation called directly, through a
+    ``torch.autograd.Function`` with the same setup_context/backward (whose backward calls the eager twins)
+    when one of the inputs at ``grad_args`` requires a gradient. The public functions use it when
+    ``eager_path`` allows; compiled code, fake tensors and dispatch modes always get the custom op.
     """
+    _define_eager(name, triton_impl, setup_context, make_backward, grad_args)
     op = torch.library.custom_op(f"{NS_TRITON}::{name}", triton_impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if make_backward is not None:
@@ -107,6 +140,36 @@ def define_op(name: str, schema: str, triton_impl: Callable, fake: Callable,
         if make_backward is not None:
             torch.library.register_autograd(qualname, make_backward(NS_CPP), setup_context=setup_context)
     return op
+
+
+def _define_eager(name, impl, setup_context, make_backward, grad_args):
+    if make_backward is None:
+        setattr(_EAGER_OPS, name, impl)
+        return
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    # Old-style forward(ctx, ...): a Function with a separate setup_context binds its arguments with
+    # inspect.signature on every call (~20 us). apply is _FunctionBase.apply itself: the Python wrapper only
+    # adds that binding and functorch's dead-wrapper unwrapping (eager_path excludes functorch).
+    fn_cls = type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(make_backward(EAGER))})
+    apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, fn_cls)
+    is_grad_enabled = torch.is_grad_enabled
+
+    def eager(*args):
+        if is_grad_enabled():
+            for i in grad_args:
+                a = args[i]
+                if a is not None and a.requires_grad:
+                    return apply(*args)
+        return impl(*args)
+
+    eager.__name__ = name
+    setattr(_EAGER_OPS, name, eager)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -127,7 +190,18 @@ def sigma_launch_args(sigma_t: torch.Tensor | None, sigma: float, dummy: torch.T
     return sigma_t, 0.0, stride, True
 
 
+def cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: that is a @jit function, and calling it from the host costs ~10 us.
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def inner_contiguous(t: torch.Tensor) -> bool:
+    if t.is_contiguous():
+        return True
     expected = 1
     for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
         if size != 1 and stride != expected:
@@ -152,7 +226,7 @@ def row_size(t: torch.Tensor) -> int:
 
 def elementwise_block(n: int) -> int:
     if INTERPRET:
-        return max(16, min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK))
+        return max(16, min(next_power_of_2(n), INTERPRET_MAX_BLOCK))
     return GPU_BLOCK
 
 
@@ -169,6 +243,7 @@ def sm_count(device: torch.device | None) -> int:
     return _SM_COUNTS[index]
 
 
+@functools.lru_cache(maxsize=256)
 def gpu_reduce_geometry(n: int, batch: int, sms: int) -> tuple[int, int, int]:
     """(BLOCK, CHUNK, chunks per sample) for a GPU reduction of `batch` rows of `n` elements.
 
@@ -189,18 +264,19 @@ def reduce_programs(batch: int, n: int, sms: int) -> int:
 def reduce_sizes(n: int, batch: int = 1, device: torch.device | None = None) -> tuple[int, int, int]:
     """(BLOCK, CHUNK, number of chunks per sample) of a row reduction."""
     if INTERPRET:
-        block = max(16, min(triton.next_power_of_2(n), INTERPRET_MAX_BLOCK))
-        chunk = block * triton.cdiv(n, block)  # one program per sample
-        return block, chunk, triton.cdiv(n, chunk)
+        block = max(16, min(next_power_of_2(n), INTERPRET_MAX_BLOCK))
+        chunk = block * cdiv(n, block)  # one program per sample
+        return block, chunk, cdiv(n, chunk)
     return gpu_reduce_geometry(n, batch, sm_count(device))
 
 
 FINALIZE_MAX_TILE = 512  # elements per accumulator tile of the one-program finalize kernels (registers)
 
 
+@functools.lru_cache(maxsize=256)
 def finalize_block_sizes(batch: int, n_chunks: int) -> tuple[int, int]:
-    block_c = min(max(triton.next_power_of_2(n_chunks), 2), 64)
-    block_b = min(max(triton.next_power_of_2(batch), 2), max(2, FINALIZE_MAX_TILE // block_c))
+    block_c = min(max(next_power_of_2(n_chunks), 2), 64)
+    block_b = min(max(next_power_of_2(batch), 2), max(2, FINALIZE_MAX_TILE // block_c))
     return block_b, block_c
 
 
@@ -214,6 +290,50 @@ def loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
 def round_bf16_needed(dtype: torch.dtype) -> bool:
     # The interpreter truncates fp32 -> bf16; round to nearest even by hand there.
     return INTERPRET and dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- launch recording
+
+
+class _RecordedKernel:
+    """Stands in for one @triton.jit kernel: logs each launch by name, then runs it (or not)."""
+
+    def __init__(self, name: str, kernel, log: list[str], run: bool):
+        self.name, self.kernel, self.log, self.run = name, kernel, log, run
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            if self.run:
+                return self.kernel[grid](*args, **kwargs)
+            return None
+
+        return launch
+
+
+@contextlib.contextmanager
+def record_launches(*, run: bool = True):
+    """Yield a list that receives ``"module.kernel"`` for every Triton launch of the fused ops inside.
+
+    ``run=False`` stubs the launches out (outputs stay uninitialised): the host-path benchmark times
+    everything but the kernel. Kernels are module globals named ``*_kernel`` that the launchers look
+    up at call time, so swapping the module attributes is enough (device functions are left alone).
+    Not thread-safe; for tests and benchmarks only.
+    """
+    log: list[str] = []
+    saved = []
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("cdm_kernels.ops.") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if attr.endswith("_kernel") and HAS_TRITON and isinstance(value, triton.runtime.jit.KernelInterface):
+                saved.append((mod, attr, value))
+                setattr(mod, attr, _RecordedKernel(f"{mod_name.rsplit('.', 1)[-1]}.{attr}", value, log, run))
+    try:
+        yield log
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
 
 
 # ----------------------------------------------------------------------------- device helpers
