@@ -187,6 +187,10 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="cdm-block-traffic-")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
     torch._dynamo.config.recompile_limit = 64
+    # Every compile must really run the scheduler: a cache hit (LongCat's blocks trace to Flux's graphs) would
+    # skip GraphLowering and count nothing.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     rows = {}
     try:
         for family in args.families:

@@ -17,8 +17,8 @@ SHAPE = dict(preset="sd3-medium-shape", steps=[3], batch=2, layers=2, resolution
 EW = "elementwise / reduction / optimizer"
 
 
-def _run(*over, mode="fast", official_plan=False):
-    s = SHAPE
+def _run(*over, mode="fast", official_plan=False, **shape):
+    s = {**SHAPE, **shape}
     return cm.summarise(cm.run_mode(s["preset"], mode, s["steps"], s["batch"], s["layers"], s["resolution"],
                                     list(over), official_plan=official_plan))
 
@@ -60,16 +60,18 @@ def test_fp8_teacher_linears_run_at_the_fp8_ceiling_in_no_grad_passes_only(eager
         assert fp8["ms_by_pass"][p] == pytest.approx(compiled["ms_by_pass"][p])
 
 
-def test_official_plan_recomputes_and_uses_less_memory(eager):
-    plain = _run(mode="reference")
-    official = _run(mode="reference", official_plan=True)
+def test_official_plan_recomputes_and_uses_less_memory():
+    big = dict(batch=8, resolution=512)  # activations must outweigh the model state for the peak to move
+    eager = _run(**big)
+    plain = _run(mode="reference", **big)
+    official = _run(mode="reference", official_plan=True, **big)
     assert official["grad_checkpointing"] == "full" and plain["grad_checkpointing"] == "none"
     # full checkpointing: one more block forward per grad forward, so more FLOPs in backward; same NFE
     assert official["nfe"] == plain["nfe"]
     assert official["tflop_by_pass"]["backward"] > plain["tflop_by_pass"]["backward"]
     assert official["peak_gib"] < plain["peak_gib"]
-    selective = _run("train.grad_checkpointing=selective")
-    assert selective["peak_gib"] < eager["peak_gib"]
+    selective = _run("train.grad_checkpointing=selective", **big)
+    assert official["peak_gib"] < selective["peak_gib"] < eager["peak_gib"]
     # selective keeps matmul outputs: no matmul is recomputed
     assert selective["tflop_by_pass"]["backward"] == pytest.approx(eager["tflop_by_pass"]["backward"])
 
