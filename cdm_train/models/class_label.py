@@ -1,7 +1,7 @@
 """Class-conditional models called as ``model(x, timestep, labels)``: the embedded digits default.
 
 Preset ``digits``: sklearn's handwritten digits and the class-conditional SD3-architecture teacher shipped
-in the package (docs/demo.md). No diffusers pipeline: sample and evaluate with `cdm-train sample` / eval.py.
+in the package (docs/demo.md). No diffusers pipeline: sample and evaluate with `cdm-train sample` / digits/eval.py.
 """
 
 from __future__ import annotations
