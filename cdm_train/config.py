@@ -22,7 +22,8 @@ import yaml
 
 from .errors import ConfigError
 from .lora import validate_lora
-from .models import PRESETS
+from .models import PRESETS, family_of
+from .models.base import ModelFamily
 
 __all__ = ["Config", "ConfigError", "make_config", "config_from_dict", "reference_mode", "to_yaml"]
 
@@ -171,6 +172,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of model.preset, resolved once per config (the one place a run resolves it): every
+        layer that needs the family asks the run's config. Resolved again only if model.preset is changed."""
+        cached = self.__dict__.get("_family")
+        if cached is None or cached[0] != self.model.preset:
+            cached = (self.model.preset, family_of(self.model.preset))
+            self.__dict__["_family"] = cached  # not a dataclass field: never in to_dict / to_yaml / equality
+        return cached[1]
 
 
 # ---------------------------------------------------------------------------------------------

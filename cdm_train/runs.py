@@ -14,7 +14,6 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import ConfigError
-from .models import family_of
 from .models.build import build_teacher
 
 OFFICIAL_INFERENCE_SIGMAS = [1.0, 0.75, 0.5, 0.25]
@@ -87,4 +86,4 @@ def prompt_max_sequence_length(cfg) -> int:
         n = json.loads((emb / "index.json").read_text()).get("max_sequence_length")
         if isinstance(n, int) and n > 0:
             return n
-    return family_of(cfg.model.preset).default_max_sequence_length
+    return cfg.family.default_max_sequence_length
