@@ -1,6 +1,6 @@
 """`cdm-train`: the command-line interface of the CDM trainer.
 
-    cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH]]
+    cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH] | --overwrite]
     cdm-train sample --checkpoint RUN_DIR_OR_FILE [--steps 4] [--num 16] [--out FILE.png]
     cdm-train eval (--checkpoint RUN | --pipeline DIR) --prompts FILE [--num 1000] [--inception FILE
                    (--reference DIR | --reference-stats FILE.npz)] [--clip DIR] [--teacher DIR] [--out DIR]
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no batched teacher calls): the baseline for benchmarks")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from a checkpoint (a file or run dir; bare --resume: the run dir's checkpoint)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out directory that holds one: its files (checkpoint, log, config) "
+                        "are moved into --out/replaced-<time>/ first (without it, such a directory is refused)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
@@ -212,6 +215,14 @@ def cmd_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: pass one of them")
+    if args.resume is None:  # a new run: never over an old one by mistake (before anything is built or written)
+        from .runs import guard_run_dir
+
+        moved = guard_run_dir(cfg.train.out_dir, overwrite=args.overwrite, is_main=_launch_rank() == 0)
+        if moved is not None:
+            print(f"cdm-train: --overwrite: moved the previous run's files to {moved}", file=sys.stderr)
     trainer = Trainer(cfg)  # under torchrun with train.parallel=ddp|fsdp: joins the process group
     try:
         if args.resume is not None:
@@ -230,6 +241,16 @@ def cmd_train(args) -> int:
               f"--resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun announces it (0 without torchrun), before the process group exists."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def cmd_sample(args) -> int:

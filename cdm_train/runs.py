@@ -6,7 +6,9 @@ Shared by `export`, `sample` and evaluation (none of which imports another).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,50 @@ def load_run(run: str | Path) -> dict[str, Any]:
         state.update(ckpt.load(dcp_dir / DCP_META))
         return state
     raise ConfigError(f"--checkpoint: no {ckpt.CHECKPOINT_NAME} or {DCP_DIR}/ in {str(path)!r}")
+
+
+# What a training run writes into its directory (train.out_dir). The DCP names: distributed.DCP_DIR and the
+# .old/.tmp copies its atomic swap leaves behind (kept literal here: importing distributed pulls in
+# torch.distributed for a directory listing).
+CHECKPOINT_FILES = (ckpt.CHECKPOINT_NAME, "checkpoint_dcp", "checkpoint_dcp.old")
+RUN_FILES = (*CHECKPOINT_FILES, "checkpoint_dcp.tmp", "log.jsonl", ckpt.RUN_CONFIG_NAME, "tensorboard")
+REPLACED_PREFIX = "replaced-"
+
+
+def run_files(out_dir: str | Path) -> list[str]:
+    """The names of a previous run's files in `out_dir` (empty: nothing a new run would overwrite or append to)."""
+    out = Path(out_dir)
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def guard_run_dir(out_dir: str | Path, *, overwrite: bool, is_main: bool = True) -> Path | None:
+    """Before a new (not resumed) run: refuse a directory that holds a run, or with `overwrite` move its files
+    aside into `out_dir/replaced-<UTC time>/` (returned; nothing is deleted). Touches nothing when it refuses.
+
+    Only the main process moves files (under torchrun every rank calls this before any joins the process group,
+    so the others must not race it); every rank refuses alike, as they all see the same directory."""
+    found = run_files(out_dir)
+    if not found:
+        return None
+    if not overwrite:
+        has_checkpoint = any(name in CHECKPOINT_FILES for name in found)
+        what = "a checkpoint" if has_checkpoint else "the log of an earlier run (no checkpoint)"
+        hint = "--resume to continue it, or " if has_checkpoint else ""
+        raise ConfigError(f"--out {str(out_dir)!r} holds {what} ({', '.join(found)}); a new run would overwrite "
+                          f"it. Pass {hint}--overwrite to move the old run's files aside into "
+                          f"{str(out_dir)}/{REPLACED_PREFIX}<time>/ and start afresh, or choose another --out")
+    if not is_main:
+        return None
+    out = Path(out_dir)
+    dest = out / (REPLACED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    suffix = 1
+    while dest.exists():  # two --overwrite runs in the same second
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{suffix}")
+        suffix += 1
+    dest.mkdir(parents=True)
+    for name in found:
+        os.replace(out / name, dest / name)  # a rename within one file system: no copy, nothing lost
+    return dest
 
 
 def trained_sigmas(cfg) -> list[float]:
