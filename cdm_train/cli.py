@@ -8,7 +8,9 @@
     cdm-train train-teacher [--out FILE] [--steps N] [--seed S]
     cdm-train config [--preset NAME] [--config FILE] [--set key=value ...]
 
-Exit codes: 0 success, 1 training diverged or failed, 2 bad config or arguments, 130 Ctrl-C.
+Exit codes: 0 success; 1 training diverged (or an internal error: a bug, with its traceback); 2 anything the user
+can fix (bad config, arguments, missing or damaged files, a backend this machine lacks, a run directory in the way,
+out of GPU memory), one message, a traceback only with --debug; 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .checkpoint import RUN_CONFIG_NAME
 from .config import ConfigError, make_config, reference_mode, to_yaml
+from .errors import CheckpointError
 from .models import PRESETS
 
 
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(CDM) distillation of flow-matching transformers into few-step students.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging verbosity (default INFO)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not only its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="run CDM distillation", description="Run CDM distillation. Config = defaults "
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the resolved configuration as YAML")
     _config_args(c)
+    for command in sub.choices.values():  # --debug also after the command (SUPPRESS: never resets the global one)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error, not only its message")
     return parser
 
 
@@ -175,7 +183,11 @@ def _train_config(args, default_preset: str = "digits"):
     extra = [f"{key}={getattr(args, attr)}" for attr, key in flag_map.items() if getattr(args, attr, None) is not None]
     if getattr(args, "no_progress", False):
         extra.append("train.progress=false")
-    cfg = make_config(args.preset, args.config, list(args.overrides) + extra, default_preset=default_preset)
+    if getattr(args, "reference_mode", False):
+        extra.append("speed.backend=reference")  # so the input check judges the backend the run will use
+    # check_inputs: model files, device and backend checked here too, so one report names every problem.
+    cfg = make_config(args.preset, args.config, list(args.overrides) + extra, default_preset=default_preset,
+                      check_inputs=True)
     if getattr(args, "reference_mode", False):
         reference_mode(cfg)
     return cfg
@@ -392,15 +404,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"cdm-train: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"cdm-train: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cdm-train: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - sorted below: the user's to fix (2) or a bug (re-raised)
+        message = user_error_message(exc)
+        if message is None:
+            raise  # not the user's doing: the traceback is the bug report (exit 1)
+        if args.debug:
+            traceback.print_exc()
+        print(f"cdm-train: {message}", file=sys.stderr)
+        return 2
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line report of a failure the user can fix (exit 2), or None for anything else."""
+    import torch
+
+    if isinstance(exc, CheckpointError):
+        return f"checkpoint error: {exc}"
+    if isinstance(exc, ConfigError):
+        return f"config error: {exc}"
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return (f"out of GPU memory ({first[:200]}). Lower train.batch_size, or see docs/memory.md for what fits: "
+                f"LoRA (lora.student/lora.fake), train.parallel=fsdp, train.grad_checkpointing")
+    return None
 
 
 if __name__ == "__main__":

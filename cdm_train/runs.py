@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .models.build import build_teacher
 
 OFFICIAL_INFERENCE_SIGMAS = [1.0, 0.75, 0.5, 0.25]
@@ -27,21 +27,33 @@ def load_run(run: str | Path) -> dict[str, Any]:
     from .distributed import DCP_DIR, DCP_META
 
     path = Path(run)
-    if path.is_file():
-        return ckpt.load(path)
-    if (path / ckpt.CHECKPOINT_NAME).is_file():
-        return ckpt.load(path)
+    if path.is_file() or (path / ckpt.CHECKPOINT_NAME).is_file():
+        return _a_run_state(ckpt.load(path), path)
     dcp_dir = path if (path / DCP_META).is_file() else path / DCP_DIR
     if (dcp_dir / DCP_META).is_file():
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+        meta = ckpt.load(dcp_dir / DCP_META)
         with tempfile.TemporaryDirectory() as tmp:
             flat = Path(tmp) / "full.pt"
-            dcp_to_torch_save(str(dcp_dir), str(flat))
+            try:
+                dcp_to_torch_save(str(dcp_dir), str(flat))
+            except Exception as exc:  # noqa: BLE001 - a missing or damaged shard, in whatever form DCP reports it
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise CheckpointError(f"distributed checkpoint {str(dcp_dir)!r} cannot be read: a shard is missing "
+                                      f"or damaged ({type(exc).__name__}: {detail})") from exc
             state = torch.load(flat, map_location="cpu", weights_only=False)
-        state.update(ckpt.load(dcp_dir / DCP_META))
-        return state
+        state.update(meta)
+        return _a_run_state(state, dcp_dir)
     raise ConfigError(f"--checkpoint: no {ckpt.CHECKPOINT_NAME} or {DCP_DIR}/ in {str(path)!r}")
+
+
+def _a_run_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`state`, when it is a training checkpoint (another torch file fails here, not as a KeyError later)."""
+    missing = [k for k in ("config", "step", "student", "ema") if k not in state]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not a cdm-train training checkpoint (no {', '.join(missing)})")
+    return state
 
 
 # What a training run writes into its directory (train.out_dir). The DCP names: distributed.DCP_DIR and the

@@ -234,11 +234,13 @@ class Trainer:
                 self.parallel.load_checkpoint(self, path)
             else:
                 self.load_state_dict(ckpt.load(path if path is not None else self.out_dir, map_location=self.device))
+        except ConfigError:  # an unreadable checkpoint file says so itself (not "another model")
+            raise
         except (RuntimeError, KeyError, ValueError) as exc:  # a checkpoint of another model or config
             raise ConfigError(f"cannot resume from {str(path or self.out_dir)!r} with this config (model.preset "
                               f"{self.cfg.model.preset!r}): the checkpoint was written by a different model or "
-                              f"configuration. Resume with the run's own config (drop --preset/--config). "
-                              f"Details: {str(exc).splitlines()[0][:300]}") from None
+                              f"configuration, or a shard is damaged. Resume with the run's own config (drop "
+                              f"--preset/--config). Details: {str(exc).splitlines()[0][:300]}") from None
         log.info("resumed from step %d", self.step)
 
     # ----------------------------------------------------------------------------------- the loop

@@ -73,6 +73,7 @@ def sd3_from_arch(arch: dict[str, Any], seed: int):
 
 class SD3Family(ModelFamily):
     name = "sd3"
+    model_dir_presets = ("sd3-medium",)
     presets = {
         "tiny": {
             "schedule": {"max_steps": 8, "shift": 1.0},
