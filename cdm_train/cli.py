@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out directory that holds one: its files (checkpoint, log, config) "
                         "are moved into --out/replaced-<time>/ first (without it, such a directory is refused)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    bar = t.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one plain line per train.log_every steps on stdout (the default when "
+                          "stderr is not a terminal, e.g. a cluster job's log file)")
+    bar.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
 
@@ -183,6 +187,8 @@ def _train_config(args, default_preset: str = "digits"):
     extra = [f"{key}={getattr(args, attr)}" for attr, key in flag_map.items() if getattr(args, attr, None) is not None]
     if getattr(args, "no_progress", False):
         extra.append("train.progress=false")
+    if getattr(args, "progress", False):
+        extra.append("train.progress=true")
     if getattr(args, "reference_mode", False):
         extra.append("speed.backend=reference")  # so the input check judges the backend the run will use
     # check_inputs: model files, device and backend checked here too, so one report names every problem.

@@ -132,8 +132,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_nonfinite: int = 5  # this many non-finite steps in a row stop training
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    progress: bool = True
+    # null (auto): a progress bar when stderr is a terminal, else one plain log line per log_every steps on stdout
+    # (step, losses, lr, NFE, it/s, GPU memory: readable in a cluster's log file); true / false: bar / lines.
+    progress: bool | None = None
     tensorboard: bool = True  # used when the tensorboard package is installed
+    # Weights & Biases: each log record to wandb (rank 0), when the wandb package is importable (else a warning).
+    # No network: WANDB_MODE=offline writes the run under train.out_dir/wandb/ (`wandb sync` uploads it later).
+    wandb: bool = False
+    wandb_project: str = "cdm-kernels"
+    wandb_entity: str | None = None  # your W&B team or user (None: the default of your login)
     parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
     grad_checkpointing: bool = False  # recompute student / fake-teacher block activations in backward
     # epoch: prompts without replacement, as the official DistributedKRepeatSampler (k = 1): a permutation of the
