@@ -435,8 +435,8 @@ def user_error_message(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         first = (str(exc).strip().splitlines() or [""])[0]
-        return (f"out of GPU memory ({first[:200]}). Lower train.batch_size, or see docs/memory.md for what fits: "
-                f"LoRA (lora.student/lora.fake), train.parallel=fsdp, train.grad_checkpointing")
+        return (f"out of GPU memory ({first[:200]}). Lower train.batch_size, or see the README's 'GPU memory: what "
+                f"fits': LoRA (lora.student/lora.fake), train.parallel=fsdp, train.grad_checkpointing")
     return None
 
 
