@@ -33,7 +33,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="named configuration: digits (embedded default), tiny (tests), sd3-medium "
                         "(local diffusers dir, see --set model.path=...), sd3-medium-shape (random init, benchmarks)")
     p.add_argument("--config", metavar="FILE", default=None,
-                   help="YAML file with sections model/schedule/loss/optim/speed/train (see README)")
+                   help="YAML file with sections model/schedule/loss/optim/speed/train (see docs/configuration.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=20 (repeatable; applied last)")
 

@@ -96,7 +96,7 @@ class OptimConfig:
 
 @dataclass
 class SpeedConfig:
-    """Accelerations. Each one is exact (same losses and gradients) or measured; see README."""
+    """Accelerations. Each one is exact (same losses and gradients) or measured; see the README's "Speed switches"."""
 
     backend: str = "auto"  # cdm_kernels backend: auto | reference | triton | cpp
     shared_student_forward: bool = True  # (a) one student forward serves CA and DM
