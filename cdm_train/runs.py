@@ -60,7 +60,8 @@ def _a_run_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
 # .old/.tmp copies its atomic swap leaves behind (kept literal here: importing distributed pulls in
 # torch.distributed for a directory listing).
 CHECKPOINT_FILES = (ckpt.CHECKPOINT_NAME, "checkpoint_dcp", "checkpoint_dcp.old")
-RUN_FILES = (*CHECKPOINT_FILES, "checkpoint_dcp.tmp", "log.jsonl", ckpt.RUN_CONFIG_NAME, "tensorboard")
+RUN_FILES = (*CHECKPOINT_FILES, "checkpoint_dcp.tmp", "log.jsonl", ckpt.RUN_CONFIG_NAME, "tensorboard",
+             "wandb_run_id", "wandb")  # the last two: train.wandb (a resumed run continues that W&B run)
 REPLACED_PREFIX = "replaced-"
 
 

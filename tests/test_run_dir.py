@@ -35,6 +35,7 @@ def _dcp_run(out):
     (dcp / "meta.pt").write_bytes(b"meta")
     (out / "log.jsonl").write_text(json.dumps({"step": 80, "loss_fake": 0.5}) + "\n")
     (out / "config.yaml").write_text("model: {preset: tiny}\n")
+    (out / "wandb_run_id").write_text("abc123\n")  # a W&B run id moves with the run: the new run gets its own
 
 
 @pytest.mark.parametrize("make_run", [_single_process_run, _dcp_run], ids=["checkpoint.pt", "checkpoint_dcp"])
@@ -67,7 +68,7 @@ def test_overwrite_moves_the_old_run_aside_and_starts_afresh(tmp_path, capsys, m
     assert {k: v[0] for k, v in _snapshot(moved).items()} == {k: v[0] for k, v in before.items()}  # all kept
     assert load(out)["step"] == 2
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2]  # not appended
-    assert not (out / "checkpoint_dcp").exists()
+    assert not (out / "checkpoint_dcp").exists() and not (out / "wandb_run_id").exists()
     # The moved run is not in the way of the next one, and --resume continues the new run.
     assert main([*TRAIN, "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert load(out)["step"] == 3
