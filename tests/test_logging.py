@@ -53,13 +53,22 @@ def test_log_line_formats_missing_and_non_finite_values():
     assert "| gpu - |" in log_line(record, 10)
 
 
-def test_progress_auto_is_lines_off_a_terminal_and_the_bar_when_asked(tmp_path, capsys):
+def test_progress_auto_is_lines_off_a_terminal_and_the_bar_when_asked(tmp_path, capsys, monkeypatch):
+    import cdm_train.trainer as trainer_mod
+
+    terminal = {"tty": False}  # what stderr is, whatever runs the tests (pytest -s in a terminal included)
+    monkeypatch.setattr(trainer_mod, "_is_a_terminal", lambda stream: terminal["tty"])
     Trainer(tiny_config(tmp_path / "auto", "train.progress=null", "train.steps=2")).train()
     out, err = capsys.readouterr()
-    assert [x.split(" | ")[0] for x in out.splitlines()] == ["step 1/2", "step 2/2"] and "it/s]" not in err
+    assert [x.split(" | ")[0] for x in out.splitlines()] == ["step 1/2", "step 2/2"] and "2/2" not in err
+    terminal["tty"] = True
+    Trainer(tiny_config(tmp_path / "tty", "train.progress=null", "train.steps=2")).train()
+    out, err = capsys.readouterr()
+    assert "step 1/2" not in out and "2/2" in err  # a terminal gets the bar (tqdm draws on stderr)
+    terminal["tty"] = False
     Trainer(tiny_config(tmp_path / "bar", "train.progress=true", "train.steps=2")).train()
     out, err = capsys.readouterr()
-    assert "step 1/2" not in out and "2/2" in err  # tqdm draws on stderr
+    assert "step 1/2" not in out and "2/2" in err  # asked for: the bar even off a terminal
 
 
 class _StubWandb(types.ModuleType):
