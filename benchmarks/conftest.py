@@ -1,4 +1,4 @@
-"""pytest set-up of the pytest-benchmark suite (benchmarks/test_bench_*.py; see README "Microbenchmarks").
+"""pytest set-up of the pytest-benchmark suite (benchmarks/test_bench_*.py; see docs/benchmarks.md "Microbenchmarks").
 
 Not collected by a plain `pytest` (pyproject's testpaths is tests/); `make test` runs it with
 --benchmark-disable, where every benchmark body runs once as a correctness test.

@@ -9,7 +9,7 @@
 `--cpu` runs the same checks on the CPU through Triton's interpreter at tiny shapes (the
 script's --cpu-dry-run); the figures are then functional only, never speed claims.
 
-Pass rule of the op checks (DESIGN.md): compared against a float64 reference, the fused result's
+Pass rule of the op checks (docs/design.md): compared against a float64 reference, the fused result's
 max error must stay within 4x the reference's own error in the same input dtype (plus a tiny
 absolute floor); NaN never passes.
 """

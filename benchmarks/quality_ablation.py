@@ -1,7 +1,7 @@
 """Quality ablation of CDM on the digits default (a benchmark script, not a test).
 
 Eight variants, same iteration budget and training seeds, each evaluated at 1/2/4/8 student steps
-(FD to the held-out digits and class accuracy, cdm_train.eval, EVAL_PER_CLASS samples per class):
+(FD to the held-out digits and class accuracy, cdm_train.digits.eval, EVAL_PER_CLASS samples per class):
 
 1. cdm          full CDM: dynamic continuous schedule, CA + DM + off-trajectory DM (the digits preset);
 2. dmd          discrete DMD-style baseline: fixed schedule [1.0, 0.75, 0.5, 0.25], CA + DM only;
@@ -59,7 +59,7 @@ def run_one(variant: str, seed: int, iterations: int | None, per_class: int | No
 
     torch.set_num_threads(1)
     from cdm_train.demo import distill, evaluate_student
-    from cdm_train.eval import DigitsEvaluator
+    from cdm_train.digits.eval import DigitsEvaluator
 
     evaluator = DigitsEvaluator.load_or_train()
     overrides = list(VARIANTS[variant]) + [f"train.seed={seed}"]

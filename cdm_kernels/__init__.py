@@ -1,6 +1,6 @@
 """cdm-kernels: fused kernels and helpers for Continuous-Time Distribution Matching distillation.
 
-Public API (a contract; see README):
+Public API (a contract; see docs/python_api.md):
     euler_extrapolate, renoise, dm_loss, cfg_loss, flow_matching_loss, use_backend
 plus the fused helpers the trainer uses: euler_step, predict_x0_renoise.
 """

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "config.yaml"  # the resolved config of a run, next to its checkpoint
 
@@ -57,4 +59,13 @@ def load(path: str | Path, map_location="cpu") -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     # weights_only=False: the checkpoint holds optimizer states, RNG states and the config dict,
     # all written by this package; never load checkpoints from untrusted sources.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file; all mean the same
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: truncated, corrupt or not a cdm-train "
+                              f"checkpoint ({type(exc).__name__}: {detail})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a cdm-train checkpoint (holds a "
+                              f"{type(state).__name__}, not a dict of states)")
+    return state

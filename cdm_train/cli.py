@@ -1,6 +1,6 @@
 """`cdm-train`: the command-line interface of the CDM trainer.
 
-    cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH]]
+    cdm-train train [--preset NAME] [--config FILE] [--set key=value ...] [--resume [PATH] | --overwrite]
     cdm-train sample --checkpoint RUN_DIR_OR_FILE [--steps 4] [--num 16] [--out FILE.png]
     cdm-train eval (--checkpoint RUN | --pipeline DIR) --prompts FILE [--num 1000] [--inception FILE
                    (--reference DIR | --reference-stats FILE.npz)] [--clip DIR] [--teacher DIR] [--out DIR]
@@ -8,7 +8,9 @@
     cdm-train train-teacher [--out FILE] [--steps N] [--seed S]
     cdm-train config [--preset NAME] [--config FILE] [--set key=value ...]
 
-Exit codes: 0 success, 1 training diverged or failed, 2 bad config or arguments, 130 Ctrl-C.
+Exit codes: 0 success; 1 training diverged (or an internal error: a bug, with its traceback); 2 anything the user
+can fix (bad config, arguments, missing or damaged files, a backend this machine lacks, a run directory in the way,
+out of GPU memory), one message, a traceback only with --debug; 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .checkpoint import RUN_CONFIG_NAME
 from .config import ConfigError, make_config, reference_mode, to_yaml
+from .errors import CheckpointError
 from .models import PRESETS
 
 
@@ -29,7 +33,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="named configuration: digits (embedded default), tiny (tests), sd3-medium "
                         "(local diffusers dir, see --set model.path=...), sd3-medium-shape (random init, benchmarks)")
     p.add_argument("--config", metavar="FILE", default=None,
-                   help="YAML file with sections model/schedule/loss/optim/speed/train (see README)")
+                   help="YAML file with sections model/schedule/loss/optim/speed/train (see docs/configuration.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=20 (repeatable; applied last)")
 
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(CDM) distillation of flow-matching transformers into few-step students.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging verbosity (default INFO)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not only its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="run CDM distillation", description="Run CDM distillation. Config = defaults "
@@ -92,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "no batched teacher calls): the baseline for benchmarks")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from a checkpoint (a file or run dir; bare --resume: the run dir's checkpoint)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out directory that holds one: its files (checkpoint, log, config) "
+                        "are moved into --out/replaced-<time>/ first (without it, such a directory is refused)")
+    bar = t.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one plain line per train.log_every steps on stdout (the default when "
+                          "stderr is not a terminal, e.g. a cluster job's log file)")
+    bar.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
 
@@ -162,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the resolved configuration as YAML")
     _config_args(c)
+    for command in sub.choices.values():  # --debug also after the command (SUPPRESS: never resets the global one)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error, not only its message")
     return parser
 
 
@@ -172,7 +187,13 @@ def _train_config(args, default_preset: str = "digits"):
     extra = [f"{key}={getattr(args, attr)}" for attr, key in flag_map.items() if getattr(args, attr, None) is not None]
     if getattr(args, "no_progress", False):
         extra.append("train.progress=false")
-    cfg = make_config(args.preset, args.config, list(args.overrides) + extra, default_preset=default_preset)
+    if getattr(args, "progress", False):
+        extra.append("train.progress=true")
+    if getattr(args, "reference_mode", False):
+        extra.append("speed.backend=reference")  # so the input check judges the backend the run will use
+    # check_inputs: model files, device and backend checked here too, so one report names every problem.
+    cfg = make_config(args.preset, args.config, list(args.overrides) + extra, default_preset=default_preset,
+                      check_inputs=True)
     if getattr(args, "reference_mode", False):
         reference_mode(cfg)
     return cfg
@@ -212,6 +233,14 @@ def cmd_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: pass one of them")
+    if args.resume is None:  # a new run: never over an old one by mistake (before anything is built or written)
+        from .runs import guard_run_dir
+
+        moved = guard_run_dir(cfg.train.out_dir, overwrite=args.overwrite, is_main=_launch_rank() == 0)
+        if moved is not None:
+            print(f"cdm-train: --overwrite: moved the previous run's files to {moved}", file=sys.stderr)
     trainer = Trainer(cfg)  # under torchrun with train.parallel=ddp|fsdp: joins the process group
     try:
         if args.resume is not None:
@@ -230,6 +259,16 @@ def cmd_train(args) -> int:
               f"--resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun announces it (0 without torchrun), before the process group exists."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def cmd_sample(args) -> int:
@@ -371,15 +410,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"cdm-train: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"cdm-train: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cdm-train: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - sorted below: the user's to fix (2) or a bug (re-raised)
+        message = user_error_message(exc)
+        if message is None:
+            raise  # not the user's doing: the traceback is the bug report (exit 1)
+        if args.debug:
+            traceback.print_exc()
+        print(f"cdm-train: {message}", file=sys.stderr)
+        return 2
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line report of a failure the user can fix (exit 2), or None for anything else."""
+    import torch
+
+    if isinstance(exc, CheckpointError):
+        return f"checkpoint error: {exc}"
+    if isinstance(exc, ConfigError):
+        return f"config error: {exc}"
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return (f"out of GPU memory ({first[:200]}). Lower train.batch_size, or see the README's 'GPU memory: what "
+                f"fits': LoRA (lora.student/lora.fake), train.parallel=fsdp, train.grad_checkpointing")
+    return None
 
 
 if __name__ == "__main__":

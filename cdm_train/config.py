@@ -23,7 +23,8 @@ import yaml
 
 from .errors import ConfigError
 from .lora import validate_lora
-from .models import PRESETS
+from .models import PRESETS, family_of
+from .models.base import ModelFamily
 
 __all__ = ["Config", "ConfigError", "make_config", "config_from_dict", "reference_mode", "to_yaml"]
 
@@ -96,7 +97,7 @@ class OptimConfig:
 
 @dataclass
 class SpeedConfig:
-    """Accelerations. Each one is exact (same losses and gradients) or measured; see README."""
+    """Accelerations. Each one is exact (same losses and gradients) or measured; see the README's "Speed switches"."""
 
     backend: str = "auto"  # cdm_kernels backend: auto | reference | triton | cpp
     shared_student_forward: bool = True  # (a) one student forward serves CA and DM
@@ -141,8 +142,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_nonfinite: int = 5  # this many non-finite steps in a row stop training
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    progress: bool = True
+    # null (auto): a progress bar when stderr is a terminal, else one plain log line per log_every steps on stdout
+    # (step, losses, lr, NFE, it/s, GPU memory: readable in a cluster's log file); true / false: bar / lines.
+    progress: bool | None = None
     tensorboard: bool = True  # used when the tensorboard package is installed
+    # Weights & Biases: each log record to wandb (rank 0), when the wandb package is importable (else a warning).
+    # No network: WANDB_MODE=offline writes the run under train.out_dir/wandb/ (`wandb sync` uploads it later).
+    wandb: bool = False
+    wandb_project: str = "cdm-kernels"
+    wandb_entity: str | None = None  # your W&B team or user (None: the default of your login)
     parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
     # Activation checkpointing of the student's and fake teacher's blocks: none | full (recompute each block in
     # backward; the official setting) | selective (keep matmul and attention outputs, recompute the elementwise
@@ -184,6 +192,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family of model.preset, resolved once per config (the one place a run resolves it): every
+        layer that needs the family asks the run's config. Resolved again only if model.preset is changed."""
+        cached = self.__dict__.get("_family")
+        if cached is None or cached[0] != self.model.preset:
+            cached = (self.model.preset, family_of(self.model.preset))
+            self.__dict__["_family"] = cached  # not a dataclass field: never in to_dict / to_yaml / equality
+        return cached[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +276,32 @@ def set_value(cfg: Config, dotted_key: str, value: Any) -> None:
     setattr(section, parts[1], _coerce(dotted_key, value, fields[parts[1]].type))
 
 
+def _collect(problems: list[str], fn, *args) -> None:
+    """Run fn(*args), adding its ConfigError's problems to `problems` (one report of everything wrong)."""
+    try:
+        fn(*args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+
+
 def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> None:
+    """Set every key of `data`; all bad sections, keys and values are reported together."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    problems: list[str] = []
     for section_name, values in data.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"{section_name}: expected a mapping of keys, got {values!r}")
-        _section(cfg, section_name, str(section_name))
+            problems.append(f"{section_name}: expected a mapping of keys, got {values!r}")
+            continue
+        try:
+            _section(cfg, section_name, str(section_name))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         for key, value in values.items():
-            set_value(cfg, f"{section_name}.{key}", value)
+            _collect(problems, set_value, cfg, f"{section_name}.{key}", value)
+    if problems:
+        raise ConfigError(problems)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -297,8 +332,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def make_config(preset: str | None = None, config_file: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None, *, default_preset: str | None = None) -> Config:
-    """Defaults <- preset <- YAML file <- overrides, then validated.
+                overrides: list[str] | dict[str, Any] | None = None, *, default_preset: str | None = None,
+                check_inputs: bool = False) -> Config:
+    """Defaults <- preset <- YAML file <- overrides, then validated; with `check_inputs`, also the files, device
+    and backend a training run on this machine would use (input_problems). Every problem found is reported in one
+    ConfigError.
 
     The preset whose values are applied is the one the finished config names: the last
     ``model.preset`` override, else the file's ``model.preset``, else ``preset``, else
@@ -306,7 +344,16 @@ def make_config(preset: str | None = None, config_file: str | Path | None = None
     one preset under the name of another, however the layers are combined.
     """
     file_data = load_yaml(config_file) if config_file is not None else {}
-    items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    problems: list[str] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides or []:
+            try:
+                items.append(parse_override(text))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     chosen = preset
     file_model = file_data.get("model")
     if isinstance(file_model, dict) and "preset" in file_model:
@@ -316,16 +363,44 @@ def make_config(preset: str | None = None, config_file: str | Path | None = None
             chosen = value
     if chosen is None:
         chosen = default_preset or Config().model.preset
-    if not isinstance(chosen, str) or chosen not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {chosen!r} (presets: {', '.join(PRESETS)})")
+    if not isinstance(chosen, str) or chosen not in PRESETS:  # nothing else can be checked without the preset
+        raise ConfigError(problems + [f"model.preset: unknown preset {chosen!r} (presets: {', '.join(PRESETS)})"])
     cfg = Config()
     apply_dict(cfg, PRESETS[chosen], f"preset {chosen}")
     cfg.model.preset = chosen
-    apply_dict(cfg, file_data, str(config_file))
+    _collect(problems, apply_dict, cfg, file_data, str(config_file))
     for key, value in items:
-        set_value(cfg, key, value)
-    validate(cfg)
+        _collect(problems, set_value, cfg, key, value)
+    _collect(problems, validate, cfg)  # on the keys that were set; a rejected value keeps its default
+    if check_inputs:
+        problems.extend(input_problems(cfg))
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))  # each once, in the order found
     return cfg
+
+
+def input_problems(cfg: Config) -> list[str]:
+    """What a training run on this machine would fail on before its first step: the model files the preset
+    reads (model.path, model.prompt_embeds, model.teacher_path), train.device, and speed.backend on that device.
+    All of them, checked without loading anything."""
+    from .models.build import resolve_device
+
+    problems = list(cfg.family.input_problems(cfg))
+    try:
+        device = resolve_device(cfg.train.device)
+    except ConfigError as exc:
+        return problems + exc.problems
+    if cfg.speed.backend in ("triton", "cpp"):
+        import torch
+
+        from cdm_kernels import backend
+
+        with backend.use_backend(cfg.speed.backend):
+            try:  # the same lookup every fused op makes at its first call
+                backend.resolve("euler_step", device, torch.float32)
+            except RuntimeError as exc:
+                problems.append(f"speed.backend: {exc} (use auto: the fastest backend available here)")
+    return problems
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -335,12 +410,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {message}")
-
-
 def validate(cfg: Config) -> None:
+    """Every value's range and the combinations; all problems in one ConfigError."""
+    problems: list[str] = []
+
+    def _require(cond: bool, key: str, message: str) -> None:  # collects: every problem in one report
+        if not cond:
+            problems.append(f"{key}: {message}")
+
     m, s, lo, o, sp, t = cfg.model, cfg.schedule, cfg.loss, cfg.optim, cfg.speed, cfg.train
     _require(m.preset in PRESETS, "model.preset", f"unknown preset {m.preset!r} (presets: {', '.join(PRESETS)})")
     _require(m.teacher_dtype in ("auto", "float32", "bfloat16"), "model.teacher_dtype",
@@ -353,7 +430,8 @@ def validate(cfg: Config) -> None:
              "need 0 < inner_sigma_min <= inner_sigma_max < 1")
     if s.fixed is not None:
         _require(len(s.fixed) >= 1 and s.fixed[0] == 1.0, "schedule.fixed", "must start at 1.0")
-        _require(all(a > b for a, b in zip(s.fixed, s.fixed[1:])) and s.fixed[-1] > 0.0, "schedule.fixed",
+        _require(bool(s.fixed) and all(a > b for a, b in zip(s.fixed, s.fixed[1:])) and s.fixed[-1] > 0.0,
+                 "schedule.fixed",
                  "must be strictly decreasing and above 0 (0 is appended)")
     _require(0.0 <= s.sigma_clamp_min < s.sigma_clamp_max <= 1.0, "schedule.sigma_clamp_min",
              "need 0 <= sigma_clamp_min < sigma_clamp_max <= 1")
@@ -405,8 +483,9 @@ def validate(cfg: Config) -> None:
             _require(not getattr(cfg.speed, key), f"speed.{key}", "is not supported with train.parallel=fsdp "
                      "(FSDP re-allocates the unsharded weights every forward); use ddp or switch it off")
 
-
-    validate_lora(cfg)
+    _collect(problems, validate_lora, cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 def reference_mode(cfg: Config, *, official_memory_plan: bool = False) -> None:

@@ -2,7 +2,7 @@
 
 1. the digits teacher (the checkpoint shipped in the package, or trained if absent);
 2. CDM distillation with the ``digits`` preset (student and fake teacher start from the teacher);
-3. evaluation (cdm_train.eval): teacher@50 steps with CFG, teacher@4 (plain Euler, same CFG),
+3. evaluation (cdm_train.digits.eval): teacher@50 steps with CFG, teacher@4 (plain Euler, same CFG),
    the student at 1/2/4/8 steps (no CFG: guidance is distilled in), and the real-data floor;
 4. DIR/report.json, DIR/samples.png, DIR/report.md (+ DIR/distill/: the trainer's checkpoint and log).
 
@@ -63,7 +63,7 @@ def evaluate_student(student: torch.nn.Module, evaluator, steps: tuple[int, ...]
                      per_class: int | None = None, seed: int = 0, progress: bool = False
                      ) -> tuple[dict[str, dict[str, float]], dict[int, torch.Tensor]]:
     """{"1": {"fd", "class_accuracy"}, ...} for the student at each step count (no CFG), and the samples."""
-    from .eval import EVAL_PER_CLASS, generate
+    from .digits.eval import EVAL_PER_CLASS, generate
 
     per_class = per_class or EVAL_PER_CLASS
     student = student.eval()
@@ -122,7 +122,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, *, teacher_p
 
 def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress) -> dict[str, Any]:
     from .digits import load_teacher
-    from .eval import EVAL_GUIDANCE_SCALE, EVAL_PER_CLASS, TEACHER_EVAL_STEPS, DigitsEvaluator, generate
+    from .digits.eval import EVAL_GUIDANCE_SCALE, EVAL_PER_CLASS, TEACHER_EVAL_STEPS, DigitsEvaluator, generate
     from .images import save_grid
 
     start = time.perf_counter()

@@ -31,7 +31,6 @@ import torch
 from .config import config_from_dict
 from .errors import ConfigError
 from .lora import adapter_state_dict, attach, target_modules
-from .models import family_of
 from .models.build import build_teacher, resolve_shift
 from .runs import (  # noqa: F401 (load_run / load_student / META_NAME are also imported from here)
     META_NAME,
@@ -51,7 +50,7 @@ def pipeline_class(cfg):
     """The diffusers pipeline class of the run's model family."""
     import diffusers
 
-    name = family_of(cfg.model.preset).pipeline_class_name
+    name = cfg.family.pipeline_class_name
     if name is None:
         raise ConfigError(f"--checkpoint: preset {cfg.model.preset!r} has no diffusers pipeline to export to")
     return getattr(diffusers, name)
@@ -65,7 +64,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
         raise ConfigError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     state = load_run(run)
     cfg = config_from_dict(state["config"])
-    if family_of(cfg.model.preset).pipeline_class_name is None:
+    if cfg.family.pipeline_class_name is None:
         raise ConfigError(f"--checkpoint: a {cfg.model.preset} run has no diffusers pipeline to export; use "
                           f"`cdm-train sample`")
     out = Path(out)
@@ -82,7 +81,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "pipeline", ema: bool
     # the guidance embedding it was trained with (FluxPipeline feeds guidance_scale to that embedding).
     meta = {"pipeline": pipeline_class(cfg).__name__, "sigmas": trained_sigmas(cfg),
             "num_inference_steps": len(trained_sigmas(cfg)),
-            "guidance_scale": family_of(cfg.model.preset).export_guidance_scale(cfg),
+            "guidance_scale": cfg.family.export_guidance_scale(cfg),
             "shift": shift.value if shift.mu is None else None, "dynamic_shift_mu": shift.mu, "ema": ema,
             "max_sequence_length": prompt_max_sequence_length(cfg),  # T5 tokens the training embeddings had
             "step": int(state.get("step", 0)), "source": str(Path(run).resolve()), "preset": cfg.model.preset,

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ConfigError
-from .models import family_of
 
 if TYPE_CHECKING:
     from .config import Config
@@ -52,7 +51,7 @@ def target_modules(cfg: Config) -> list[str]:
     lc = cfg.lora
     if lc.target_modules is not None:
         return list(lc.target_modules)
-    return family_of(cfg.model.preset).lora_targets(lc.include_ff)
+    return cfg.family.lora_targets(lc.include_ff)
 
 
 def validate_lora(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""Backward simulation on the dynamic continuous schedule (DESIGN.md step 1).
+"""Backward simulation on the dynamic continuous schedule (docs/design.md, step 1).
 
 The student runs deterministic Euler from pure noise along a freshly drawn schedule,
 shifted as the model's diffusers scheduler shifts it (schedule.py), without gradient.

@@ -36,13 +36,13 @@ def conditioning(cfg, prompts: list[str] | None, num: int, generator: torch.Gene
         with torch.no_grad():
             cond = {k: v.float() for k, v in encode_batch(pipe, prompts, device,
                                                               max_sequence_length=prompt_max_sequence_length(cfg)).items()}
-        return family_of(cfg.model.preset).sampling_cond(cfg, cond), list(prompts)
+        return cfg.family.sampling_cond(cfg, cond), list(prompts)
     return sample_cond(num, generator), [f"embedding row (draw {i})" for i in range(num)]
 
 
 def decode(latents: torch.Tensor, model_dir: Path, cfg=None) -> torch.Tensor:
     """VAE decode of trainer-space latents to pixels in [-1, 1] (the family's rule: latents / scaling + shift)."""
-    family = family_of(cfg.model.preset) if cfg is not None else family_of("sd3-medium")
+    family = cfg.family if cfg is not None else family_of("sd3-medium")
     return family.decode(latents, model_dir)
 
 

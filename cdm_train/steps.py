@@ -1,4 +1,4 @@
-"""One fake-teacher step and one student step of CDM (DESIGN.md steps 2 and 3).
+"""One fake-teacher step and one student step of CDM (docs/design.md, steps 2 and 3).
 
 `fake_teacher_loss` and `student_losses` compute losses only (no optimizer), so the
 equivalence tests can compare losses and gradients with each speed switch on and off.

@@ -7,6 +7,9 @@ a second Ctrl-C stops at once (losing at most the work since the last checkpoint
 `resume` continues so that the resumed run produces the same losses as an
 uninterrupted one (per-step randomness is derived from (seed, rank, step)).
 
+Logs: every `train.log_every` steps a record goes to log.jsonl, TensorBoard and (train.wandb) Weights & Biases;
+on a terminal a progress bar shows it, elsewhere (a cluster job's log file) one plain line on stdout per record.
+
 Host syncs: the loss statistics stay on the device and are read once per log interval.
 The one deliberate sync per optimizer step is the non-finite check that decides
 whether to skip the step (the same sync torch.amp.GradScaler makes).
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -237,11 +241,13 @@ class Trainer:
                 self.parallel.load_checkpoint(self, path)
             else:
                 self.load_state_dict(ckpt.load(path if path is not None else self.out_dir, map_location=self.device))
+        except ConfigError:  # an unreadable checkpoint file says so itself (not "another model")
+            raise
         except (RuntimeError, KeyError, ValueError) as exc:  # a checkpoint of another model or config
             raise ConfigError(f"cannot resume from {str(path or self.out_dir)!r} with this config (model.preset "
                               f"{self.cfg.model.preset!r}): the checkpoint was written by a different model or "
-                              f"configuration. Resume with the run's own config (drop --preset/--config). "
-                              f"Details: {str(exc).splitlines()[0][:300]}") from None
+                              f"configuration, or a shard is damaged. Resume with the run's own config (drop "
+                              f"--preset/--config). Details: {str(exc).splitlines()[0][:300]}") from None
         log.info("resumed from step %d", self.step)
 
     # ----------------------------------------------------------------------------------- the loop
@@ -262,13 +268,19 @@ class Trainer:
             ckpt.write_text_atomic(self.out_dir / ckpt.RUN_CONFIG_NAME, to_yaml(self.cfg))
         log_file = (self.out_dir / "log.jsonl").open("a") if main else None
         writer = self._tensorboard() if main else None
+        self._wandb_run = self._wandb() if main else None
         previous_handler = None
         if _is_main_thread():
             previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        bar = _progress(total, self.step, enabled=cfg.progress and main)
+        # The bar only where someone watches it: on a terminal it redraws in place; in a file its carriage
+        # returns make one unreadable line, so a log file gets a plain line per log interval instead.
+        show_bar = main and (cfg.progress if cfg.progress is not None else _is_a_terminal(sys.stderr))
+        self._log_lines_total = total if main and not show_bar else None
+        bar = _progress(total, self.step, enabled=show_bar)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         nfe_window = 0
+        self._nfe_total_at_window = self.counters["nfe_total"]
         t_window = time.perf_counter()
         steps_in_window = 0
         start = time.perf_counter()
@@ -304,6 +316,8 @@ class Trainer:
                 log_file.close()
             if writer is not None:
                 writer.close()
+            if self._wandb_run is not None:
+                self._wandb_run.finish()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
         return {"steps": self.step, "interrupted": self._stop_requested, "wall_clock_s": time.perf_counter() - start,
@@ -317,11 +331,16 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step}
         record.update({k: v for k, v in zip(keys, values)})
         elapsed = time.perf_counter() - t0
+        nfe_all = self.counters["nfe_total"] - self._nfe_total_at_window
+        self._nfe_total_at_window = self.counters["nfe_total"]
         record.update(step_time_s=elapsed / max(steps, 1), nfe_rollout_per_step=nfe / max(steps, 1),
+                      nfe_per_step=nfe_all / max(steps, 1),
                       nfe_saved_early_exit=self.counters["nfe_saved_early_exit"],
                       nonfinite_total=self.counters["nonfinite_total"],
                       lr_student=self.student_opt.param_groups[0]["lr"], lr_fake=self.fake_opt.param_groups[0]["lr"])
         record.update(self.monitor.read())
+        if self.device.type == "cuda" and "torch_peak_gib" not in record:  # no NVML: the allocator's own figure
+            record["torch_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if log_file is not None:
             log_file.write(json_dumps(record) + "\n")
             log_file.flush()
@@ -330,6 +349,11 @@ class Trainer:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     writer.add_scalar(k, v, self.step)
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                                 and math.isfinite(v)}, step=self.step)
+        if self._log_lines_total is not None:
+            print(log_line(record, self._log_lines_total), flush=True)
         short = {"fake": record.get("loss_fake"), "stu": record.get("loss_student"),
                  "s/it": record["step_time_s"], "nfe": record["nfe_rollout_per_step"]}
         bar.set_postfix({k: f"{v:.3g}" for k, v in short.items() if v is not None})
@@ -338,6 +362,27 @@ class Trainer:
     def _stop_requested_anywhere(self) -> bool:
         """Ctrl-C reaches the ranks at different iterations: all stop at the same one."""
         return self.parallel.any_flag(self._stop_requested, self.device)
+
+    def _wandb(self):
+        """A W&B run (train.wandb and the package importable), resumed under the same id when the run is."""
+        if not self.cfg.train.wandb:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            log.warning("train.wandb: the wandb package is not installed (pip install wandb); logging to log.jsonl "
+                        "and TensorBoard only")
+            return None
+        id_file = self.out_dir / "wandb_run_id"  # --resume continues the same W&B run
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if not run_id:
+            import uuid
+
+            run_id = uuid.uuid4().hex[:12]
+            ckpt.write_text_atomic(id_file, run_id + "\n")
+        t = self.cfg.train
+        return wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=self.out_dir.name, id=run_id,
+                          resume="allow", dir=str(self.out_dir), config=self.cfg.to_dict())
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -367,6 +412,33 @@ def apply_fp8_switches(cfg: Config, models: Models) -> None:
     applied = Applied()
     apply_attention(cfg, models, applied)
     apply_fp8_linears(cfg, models, applied)
+
+
+def log_line(record: dict[str, Any], total: int) -> str:
+    """One plain, greppable line of a log record (no carriage returns): step, losses, lr, NFE, speed, memory."""
+    def num(v) -> str:
+        return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+    parts = [f"step {record['step']}/{total}"]
+    losses = [f"{k.removeprefix('loss_')} {num(record[k])}" for k in LOSS_KEYS if k in record]
+    parts.append("loss " + " ".join(losses))
+    parts.append(f"lr student {record['lr_student']:.3g} fake {record['lr_fake']:.3g}")
+    parts.append(f"nfe/it {record['nfe_per_step']:.1f} (rollout {record['nfe_rollout_per_step']:.1f})")
+    step_time = record["step_time_s"]
+    parts.append(f"{1.0 / step_time:.3g} it/s" if step_time > 0 else "- it/s")
+    memory = [f"{label} {record[k]:.1f} GiB" for k, label in (("torch_peak_gib", "peak"), ("gpu_mem_used_gib", "used"))
+              if k in record]
+    parts.append("gpu " + (", ".join(memory) if memory else "-"))
+    if record.get("nonfinite_total"):
+        parts.append(f"skipped non-finite {record['nonfinite_total']}")
+    return " | ".join(parts)
+
+
+def _is_a_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams (pytest capture, daemons)
+        return False
 
 
 def _is_main_thread() -> bool:

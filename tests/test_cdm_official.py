@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -517,3 +518,25 @@ def test_patch_refuses_a_different_default(official):
     assert losses.compute_cfg_loss is compute_cfg_loss
     with pytest.raises(ValueError, match="not imported"):
         cdm_official.patch("no_such_module_xyz")
+
+
+def test_patch_with_nothing_to_patch_warns_or_raises_when_strict(monkeypatch):
+    """The official modules not imported and no namespace holding the losses: an empty list alone would read as
+    success, so patch() warns (strict=True: raises); a namespace without the losses changes nothing either."""
+    for name in cdm_official.DEFAULT_TARGETS:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.warns(RuntimeWarning, match="nothing to patch.*NOT replaced"):
+        assert cdm_official.patch() == []
+    with pytest.warns(RuntimeWarning, match="nothing to patch"):
+        assert cdm_official.patch({"__name__": "__main__", "unrelated": print}, strict=False) == []
+    with pytest.raises(RuntimeError, match="nothing to patch"):
+        cdm_official.patch(strict=True)
+    assert cdm_official._patched == []  # nothing was installed along the way
+
+
+def test_patch_already_installed_is_no_warning(official):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second, idempotent call found the losses: no "nothing to patch"
+        assert cdm_official.patch(strict=True)
+        assert cdm_official.patch(strict=True) == []
+    cdm_official.unpatch()

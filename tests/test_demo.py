@@ -46,7 +46,7 @@ def test_demo_outputs(quick_report):
     # Tile (row r, column c), back to 8x8 in [-1, 1]: every 8th pixel of the nearest-neighbour upscale.
     tiles = torch.tensor(np.stack([grid[2 + r * 66:2 + r * 66 + 64:8, 2 + c * 66:2 + c * 66 + 64:8]
                                    for r in range(6) for c in range(10)]) / 127.5 - 1).reshape(6, 10, 1, 8, 8)
-    from cdm_train.eval import DigitsEvaluator
+    from cdm_train.digits.eval import DigitsEvaluator
 
     predicted = DigitsEvaluator.load_or_train().predict(tiles.reshape(60, 1, 8, 8)).reshape(6, 10)
     # Columns are classes 0..9: teacher@50 (row 0) and the 4-step student (row 4) draw them in order.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cdm_train import digits
-from cdm_train.eval import EVAL_GUIDANCE_SCALE, DigitsEvaluator, frechet_distance, generate
+from cdm_train.digits.eval import EVAL_GUIDANCE_SCALE, DigitsEvaluator, frechet_distance, generate
 from cdm_train.models.class_label import ClassLabelAdapter
 
 

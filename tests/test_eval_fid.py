@@ -19,7 +19,7 @@ FEATURE_DIM = 24
 
 
 def _old_digits_frechet(feats_a, feats_b):
-    """cdm_train.eval.frechet_distance as it was before the move (commit a5a89a0), verbatim."""
+    """cdm_train.digits.eval.frechet_distance as it was before the move (commit a5a89a0), verbatim."""
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -94,7 +94,7 @@ def test_digits_evaluator_uses_the_shared_frechet_with_unchanged_figures():
     implementation zeroes round-off eigenvalues before their square root, so it moves the old figure by ~1e-5 (the
     demo reports FD to 2 decimals) and only towards exactness: a set against itself is ~0 where the old code left
     sqrt(round-off) per dead unit."""
-    import cdm_train.eval as digits_eval
+    import cdm_train.digits.eval as digits_eval
     import cdm_train.evaluation.frechet as shared
 
     assert digits_eval.frechet_distance is shared.frechet_distance

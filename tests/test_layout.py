@@ -134,3 +134,35 @@ def test_every_preset_has_exactly_one_family():
 
     with pytest.raises(ConfigError, match="model.preset"):
         family_of("qwen-image")
+
+
+def test_a_run_resolves_its_model_family_once(tmp_path, monkeypatch):
+    """Build, LoRA targets, the scheduler shift and every training step ask the run's config (cfg.family), so a
+    short LoRA run with the model's own shift resolves the preset's family once; a per-call lookup anywhere on
+    that path (three places before) counts more."""
+    import sys
+
+    import cdm_train.models as models
+    from cdm_train.trainer import Trainer
+
+    from .helpers import tiny_config
+
+    calls = []
+    original = models.family_of
+
+    def counting(preset):
+        calls.append(preset)
+        return original(preset)
+
+    for mod in list(sys.modules.values()):  # every module that bound the name at import time
+        if getattr(mod, "__name__", "").startswith("cdm_train") and getattr(mod, "family_of", None) is original:
+            monkeypatch.setattr(mod, "family_of", counting)
+    # schedule.shift=null: the family's shift rule runs; LoRA: the family's target linears are looked up.
+    cfg = tiny_config(tmp_path, "train.steps=2", "schedule.shift=null", "lora.student=true", "lora.fake=true",
+                      "lora.rank=2", "lora.alpha=4")
+    calls.clear()  # building the config may resolve it (validation); what counts is the run
+    tr = Trainer(cfg)
+    tr.train()
+    assert tr.step == 2 and calls == ["tiny"]
+    cfg.model.preset = "digits"  # a changed preset is resolved again, never served from a stale cache
+    assert cfg.family is original("digits")

@@ -2,7 +2,7 @@
 every backend: registration, backend selection, schema parity between the Triton and
 C++ op namespaces.
 
-Accuracy rule (DESIGN.md): a fused result passes when its error against float64 is within
+Accuracy rule (docs/design.md): a fused result passes when its error against float64 is within
 a small multiple of the reference implementation's own error in the same input dtype.
 """
 

@@ -179,3 +179,33 @@ def test_large_shapes_on_gpu_match_float64(dtype):
             loss.sum().backward()
         assert_close_to_f64(got, same, f64, torch.float32, what="loss")
         assert_close_to_f64(leaves[0].grad, leaves[1].grad, leaves[2].grad, dtype, what="grad")
+
+
+def test_seeded_reference_ops_compile_as_one_opaque_noise_op():
+    """Traced, the reference Philox rounds were hundreds of int64 ops that inductor did not finish compiling (25+
+    min on a CPU); under torch.compile the noise is one custom op, so the graph stays small. Same values and
+    gradients as eager (aot_eager here; inductor on this graph took ~20 s on a loaded 2-core CPU, by hand)."""
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, pred = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, requires_grad=True)
+    s, st = torch.rand(2), torch.rand(2)
+
+    def seeded(a, p):
+        _, xt = ck.predict_x0_renoise(a, p, s, st, seed=9, offset=2)
+        return ck.renoise(a, s, seed=7, offset=3), xt, ck.flow_matching_loss(p, a, seed=5)
+
+    with ck.use_backend("reference"):
+        want = seeded(x, pred)
+        want_grad = torch.autograd.grad(want[2] + want[1].sum(), pred)[0]
+        torch.compile(seeded, backend=capture, fullgraph=True)(x, pred)
+        got = torch.compile(seeded, backend="aot_eager", fullgraph=True)(x, pred)
+        got_grad = torch.autograd.grad(got[2] + got[1].sum(), pred)[0]
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("philox_noise" in t for t in targets) == 3 and len(targets) < 60, targets
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,6 @@
 """Mixed input dtypes, as bf16 autocast produces them (bf16 model outputs, fp32 latents).
 
-A deliberate widening of DESIGN.md's "dtype mismatch raises": every op computes in fp32 from
+A deliberate widening of docs/design.md's "dtype mismatch raises": every op computes in fp32 from
 whatever fp32/bf16/fp16 inputs it gets, so a mix is well defined, and rejecting it would make
 callers pay a full-size cast per tensor. Each backend must equal the reference on the same mix.
 """

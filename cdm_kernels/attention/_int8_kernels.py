@@ -16,7 +16,7 @@ onto the integers is done by adding and subtracting 1.5 * 2^23 after the clamp (
 |x| <= 2^22, the same on the GPU and in the interpreter, which lacks libdevice.rint); the
 clamp between the multiply and the add keeps the compiler from contracting them into an FMA.
 
-Interpreter quirks (DESIGN.md facts), handled under the constexpr SOFT_ROUND: fp32 -> bf16
+Interpreter quirks (docs/design.md facts), handled under the constexpr SOFT_ROUND: fp32 -> bf16
 casts truncate there (round with integer bit operations first), and 16-bit ``tl.dot`` is not
 trusted there (the operands, exact in fp32, are multiplied as fp32 with input_precision="ieee").
 """

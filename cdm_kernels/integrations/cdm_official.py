@@ -65,7 +65,8 @@ Differences from the official functions:
 and into any training-script namespaces passed (modules or ``globals()`` dicts that did
 ``from cdm.training.losses import ...``). It compares the positional parameter names (and
 the defaults the originals declare) of every function it replaces with these and raises
-``TypeError`` on a mismatch (unless ``strict=False``). ``unpatch()`` restores the originals.
+``TypeError`` on a mismatch (unless ``strict=False``). With nothing to patch it warns (``strict=True``:
+raises) instead of returning an empty list silently. ``unpatch()`` restores the originals.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ import functools
 import inspect
 import sys
 import types
+import warnings
 
 import torch
 
@@ -258,7 +260,8 @@ def _is_ours(fn, name) -> bool:
     return fn is _replacement(name) or hasattr(fn, "_cdm_official_options")
 
 
-def patch(*namespaces, strict: bool = True, statistics: bool = True, return_tensors: bool = False) -> list[str]:
+def patch(*namespaces, strict: bool | None = None, statistics: bool = True, return_tensors: bool = False
+          ) -> list[str]:
     """Install the fused losses; returns the list of ``target.name`` entries replaced.
 
     Targets: the already-imported modules of ``DEFAULT_TARGETS`` plus every namespace passed
@@ -266,6 +269,10 @@ def patch(*namespaces, strict: bool = True, statistics: bool = True, return_tens
     that already exist in a target are replaced. ``statistics`` / ``return_tensors`` set the
     defaults of those keyword-only options for the installed functions (callers that do not
     pass them, such as the official ``train.py``). Calling it twice is harmless.
+
+    Nothing to patch (the official modules not imported yet, no namespace holding the losses): a
+    ``RuntimeWarning``, or with ``strict=True`` a ``RuntimeError``, because an empty list is easily
+    mistaken for success. ``strict`` (default None): signatures are checked unless ``strict=False``.
     """
     targets = [sys.modules[m] for m in DEFAULT_TARGETS if m in sys.modules]
     for ns in namespaces:
@@ -278,19 +285,29 @@ def patch(*namespaces, strict: bool = True, statistics: bool = True, return_tens
         targets.append(ns)
     options = {"statistics": bool(statistics), "return_tensors": bool(return_tensors)}
     plan = []
+    found = False  # any target holding any of the losses (ours or the originals)
     for target in targets:
         is_dict = isinstance(target, dict)
         for name in _FUNCTIONS:
             original = target.get(name) if is_dict else getattr(target, name, None)
             if original is None:
                 continue
+            found = True
             if _is_ours(original, name):
                 if getattr(original, "_cdm_official_options", None) == options or (
                         original is _replacement(name) and statistics and not return_tensors):
                     continue  # already installed with these options
             else:
-                _check_compatible(name, original, strict)  # all checks before any change
+                _check_compatible(name, original, strict is not False)  # all checks before any change
             plan.append((target, name, original))
+    if not found:
+        message = (f"cdm_official.patch: nothing to patch: none of {', '.join(DEFAULT_TARGETS)} is imported and no "
+                   f"namespace passed holds {', '.join(_FUNCTIONS)}; the official losses are NOT replaced. Import "
+                   f"the official modules first, or pass the training script's module or globals()")
+        if strict:
+            raise RuntimeError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return []
     replaced = []
     installed = {name: _configured(name, statistics, return_tensors) for name in _FUNCTIONS}
     for target, name, original in plan:

@@ -10,7 +10,22 @@ from .philox import philox_randn
 
 def draw_noise(ref: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
     """The shared seeded noise: element j of ref's logical layout is tl.randn(seed, offset + j)."""
+    if torch.compiler.is_compiling():
+        # Traced, the Philox rounds become a long graph of int64 ops that inductor does not finish compiling
+        # (25+ min on a CPU, past 60 s on an H200); as one opaque op it compiles like any other.
+        return _philox_noise_op(ref.detach(), int(seed), int(offset), dtype)  # noise takes no gradient
     return philox_randn(ref.shape, seed, offset, device=ref.device).to(dtype)
+
+
+@torch.library.custom_op("cdm_kernels_reference::philox_noise", mutates_args=())
+def _philox_noise_op(ref: torch.Tensor, seed: int, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """philox_randn of ref's shape on ref's device (ref's values are unused): eager, the same code as above."""
+    return philox_randn(ref.shape, seed, offset, device=ref.device).to(dtype)
+
+
+@_philox_noise_op.register_fake
+def _(ref, seed, offset, dtype):
+    return torch.empty(ref.shape, dtype=dtype, device=ref.device)
 
 
 def renoise(x0: torch.Tensor, sigma, noise: torch.Tensor | None = None, *, seed: int | None = None,

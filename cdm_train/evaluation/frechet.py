@@ -1,7 +1,7 @@
 """The Frechet distance between Gaussian fits of two feature sets (FID when the features are Inception's).
 
 One implementation for the package: `cdm-train eval` (Inception features) and the digits evaluator
-(classifier features, cdm_train.eval) both call it. Float64 throughout.
+(classifier features, cdm_train.digits.eval) both call it. Float64 throughout.
 
 tr((C_a C_b)^(1/2)) is computed as the sum of sqrt(eig(A^(1/2) C_b A^(1/2))) with A^(1/2) the symmetric
 root of C_a: the two matrices have the same eigenvalues for positive semi-definite C_a, C_b, and only

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..models import PIPELINE_CLASSES, family_of, family_of_pipeline
+from ..models import PIPELINE_CLASSES, family_of_pipeline
 from .errors import EvalInputError
 
 REPEAT_SEED_STRIDE = 7919
@@ -84,7 +84,7 @@ class RunSampler:
 
         cond = {k: v.float() for k, v in encode_batch(self.text, prompts, self.device,
                                                        max_sequence_length=self.max_sequence_length).items()}
-        cond = family_of(self.cfg.model.preset).sampling_cond(self.cfg, cond)  # e.g. Flux's guidance embedding
+        cond = self.cfg.family.sampling_cond(self.cfg, cond)  # e.g. Flux's guidance embedding
         noise = seeded_noise(seeds, self.latent).to(self.device)
         latents = sample_euler(self.model, self.adapter, cond, noise, len(self.sigmas),
                                sigmas=list(self.sigmas) + [0.0], shift=self.shift)

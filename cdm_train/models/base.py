@@ -33,6 +33,11 @@ class ModelFamily:
     default_max_sequence_length = 256  # text tokens when the run's embeddings do not record their length
     lora_attention_targets: list[str] = []
     lora_ff_targets: list[str] = []
+    model_dir_presets: tuple[str, ...] = ()  # presets that read model.path and model.prompt_embeds
+
+    def input_problems(self, cfg: Config) -> list[str]:
+        """Every problem with the files the preset would read, found without loading them (one report)."""
+        return model_dir_problems(cfg, cfg.model.preset) if cfg.model.preset in self.model_dir_presets else []
 
     def build(self, cfg: Config, device: torch.device):
         """(teacher in fp32 on `device`, adapter, cond sampler, latent shape (C, H, W)) for the preset."""
@@ -106,6 +111,10 @@ class PackedLatentFamily(ModelFamily):
     directory_preset = ""  # the preset that loads model.path
     tiny_preset = ""
     tiny_side = 8  # the tiny preset's latent side
+
+    @property
+    def model_dir_presets(self) -> tuple[str, ...]:
+        return (self.directory_preset,)
 
     def latent_side(self, cfg: Config) -> int:
         return self.tiny_side if cfg.model.preset == self.tiny_preset else cfg.model.resolution // 8
@@ -187,16 +196,31 @@ def prompt_source(cfg: Config, device, tensors: tuple[str, ...]):
     return PromptBank(bank), null
 
 
+def model_dir_problems(cfg: Config, preset: str) -> list[str]:
+    """Everything wrong with model.path and model.prompt_embeds, all at once (a user fixes both in one try)."""
+    problems = []
+    m = cfg.model
+    if not m.path:
+        problems.append(f"model.path: the {preset} preset needs a local diffusers directory")
+    elif not Path(m.path).is_dir():
+        problems.append(f"model.path: {m.path!r} is not a directory")
+    elif not any((Path(m.path) / sub / "config.json").is_file() for sub in ("transformer", ".")):
+        problems.append(f"model.path: {m.path!r} has no transformer/config.json (nor config.json): not a diffusers "
+                        f"model directory (point it at the pipeline folder that holds transformer/)")
+    if not m.prompt_embeds:
+        problems.append(f"model.prompt_embeds: the {preset} preset needs precomputed prompt embeddings "
+                        f"(`cdm-train encode-prompts`)")
+    elif not Path(m.prompt_embeds).exists():
+        problems.append(f"model.prompt_embeds: {m.prompt_embeds!r} does not exist")
+    return problems
+
+
 def require_model_dir(cfg: Config, preset: str) -> Path:
-    """model.path and model.prompt_embeds, checked (the embeddings first: a bad file fails in a second)."""
-    if not cfg.model.path:
-        raise ConfigError(f"model.path: the {preset} preset needs a local diffusers directory")
-    if not cfg.model.prompt_embeds:
-        raise ConfigError(f"model.prompt_embeds: the {preset} preset needs precomputed prompt embeddings")
-    root = Path(cfg.model.path)
-    if not root.is_dir():
-        raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
-    return root
+    """model.path and model.prompt_embeds, checked before anything is loaded; every problem in one error."""
+    problems = model_dir_problems(cfg, preset)
+    if problems:
+        raise ConfigError(problems)
+    return Path(cfg.model.path)
 
 
 def transformer_subfolder(root: Path) -> str | None:

@@ -11,7 +11,6 @@ import torch
 from ..cond import ModelAdapter
 from ..errors import ConfigError
 from ..schedule import Shift
-from . import family_of
 from .base import quiet_diffusers
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ def resolve_shift(cfg: Config) -> Shift:
     else the family's default: SD3 3.0, dynamic mu for Flux and LongCat)."""
     if cfg.schedule.shift is not None:
         return Shift(float(cfg.schedule.shift))
-    return family_of(cfg.model.preset).shift(cfg)
+    return cfg.family.shift(cfg)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,7 +55,7 @@ def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def build_teacher(cfg: Config, device: torch.device):
     """(teacher in fp32 on the device, adapter, cond sampler, latent shape) for the config's preset."""
-    return family_of(cfg.model.preset).build(cfg, device)
+    return cfg.family.build(cfg, device)
 
 
 def build_models(cfg: Config, device: torch.device) -> Models:

@@ -1,10 +1,12 @@
 """Class-conditional models called as ``model(x, timestep, labels)``: the embedded digits default.
 
 Preset ``digits``: sklearn's handwritten digits and the class-conditional SD3-architecture teacher shipped
-in the package (docs/demo.md). No diffusers pipeline: sample and evaluate with `cdm-train sample` / eval.py.
+in the package (docs/demo.md). No diffusers pipeline: sample and evaluate with `cdm-train sample` / digits/eval.py.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -43,6 +45,13 @@ class ClassLabelFamily(ModelFamily):
     lora_attention_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
     lora_ff_targets = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+    def input_problems(self, cfg) -> list[str]:
+        path = cfg.model.teacher_path
+        if path is not None and not Path(path).is_file():
+            return [f"model.teacher_path: {path!r} does not exist (train one with `cdm-train train-teacher`, or "
+                    f"leave it unset for the shipped teacher)"]
+        return []
 
     def default_shift(self, cfg) -> Shift:
         return Shift(3.0)  # unused by the preset (it sets schedule.shift 1.0); SD3's value, as before

@@ -2,7 +2,7 @@
 
 Presets:
 - ``sd3-medium``: a local diffusers SD3-Medium directory (`model.path`) and precomputed prompt embeddings
-  (`model.prompt_embeds`); the official recipe (batch size and length aside: README).
+  (`model.prompt_embeds`); the official recipe (batch size and length aside: docs/algorithm.md).
 - ``sd3-medium-shape``: random-init SD3-Medium architecture (`model.layers`, `model.resolution`) with random
   embeddings, for benchmarks.
 - ``tiny``: random-init tiny SD3-architecture model with random text embeddings, for tests and quick CPU
@@ -73,6 +73,7 @@ def sd3_from_arch(arch: dict[str, Any], seed: int):
 
 class SD3Family(ModelFamily):
     name = "sd3"
+    model_dir_presets = ("sd3-medium",)
     presets = {
         "tiny": {
             "schedule": {"max_steps": 8, "shift": 1.0},

@@ -13,7 +13,7 @@ sample counts: the FD a perfect generator would reach. FD is biased upwards by f
 sample counts, so compare numbers taken with the same ``EVAL_PER_CLASS`` only.
 
 The classifier shipped in cdm_train/assets/digits_classifier.pt was produced by
-``train_classifier()`` with its defaults (`python -m cdm_train.eval --retrain`) under torch's default thread
+``train_classifier()`` with its defaults (`python -m cdm_train.digits.eval --retrain`) under torch's default thread
 count (two threads on the 2-core machine that produced it; one thread gives slightly different weights).
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .digits.data import NUM_CLASSES, DigitsSplit, balanced_labels, load_digits_split
-from .evaluation.frechet import frechet_distance  # the package's one Frechet distance (also `cdm-train eval`)
+from ..evaluation.frechet import frechet_distance  # the package's one Frechet distance (also `cdm-train eval`)
+from .data import NUM_CLASSES, DigitsSplit, balanced_labels, load_digits_split
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CLASSIFIER_PATH = ASSET_DIR / "digits_classifier.pt"
 EVAL_PER_CLASS = 100  # 1,000 generated samples per evaluation (see docs/demo.md for the seed spread)
 FEATURE_DIM = 64
@@ -199,9 +199,9 @@ def generate(model: nn.Module, steps: int, guidance_scale: float | None, per_cla
     """
     from tqdm.auto import tqdm
 
-    from .digits.data import LATENT_SHAPE, NULL_CLASS
-    from .models.class_label import ClassLabelAdapter
-    from .sampling import sample_euler
+    from ..models.class_label import ClassLabelAdapter
+    from ..sampling import sample_euler
+    from .data import LATENT_SHAPE, NULL_CLASS
 
     adapter = adapter or ClassLabelAdapter(NULL_CLASS)
     labels = balanced_labels(per_class)
