@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_attention import _output_like, config_override
+from ._common import config_override
+from ._common import output_like as _output_like
 from .reference import LOG2E
 
 # triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported.
