@@ -27,6 +27,7 @@ import torch
 import cdm_kernels as ck
 
 from . import checkpoint as ckpt
+from .attention_setup import apply_attention
 from .config import Config, ConfigError, to_yaml
 from .distributed import Parallel, lerp_local_, unwrap
 from .draws import IterationDraws, draw_iteration
@@ -347,22 +348,14 @@ class Trainer:
 
 
 def apply_fp8_switches(cfg: Config, models: Models) -> None:
-    """FP8 attention / linears on the passes without gradient, as the speed switches say.
+    """Attention (the exact backend of every pass, 8-bit on the passes without gradient) and FP8 linears, as the
+    speed switches say.
 
-    Patched processors use FP8 only when no gradient flows through the attention, so the
-    fake teacher's training step and the student step keep bf16 attention.
+    Patched processors use 8-bit attention only when no gradient flows through it, so the fake teacher's training
+    step and the student step keep exact attention (attention_setup.apply_attention logs what runs where).
     """
     sp = cfg.speed
-    targets = [(sp.fp8_attention_teacher, models.teacher), (sp.fp8_attention_fake, models.fake),
-               (sp.fp8_attention_rollout, models.student)]
-    if any(on for on, _ in targets):
-        from cdm_kernels import patch_attention
-
-        fmt = "int8" if sp.attention_8bit == "int8" else "fp8"
-        mode = f"{fmt}_emulated_no_grad" if sp.fp8_attention_emulate else f"{fmt}_no_grad"
-        for on, net in targets:
-            if on:
-                patch_attention(net, mode=mode)
+    apply_attention(cfg, models)
     if sp.fp8_linear_teacher:
         from cdm_kernels.fp8 import quantize_frozen
 

@@ -409,7 +409,8 @@ def test_trainer_switch_selects_int8_modes(monkeypatch):
         teacher, fake, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
 
     modes = []
-    monkeypatch.setattr(cdm_kernels, "patch_attention", lambda net, mode: modes.append((net, mode)))
+    monkeypatch.setattr(cdm_kernels, "patch_attention", lambda net, mode, backend="sdpa-default": modes.append(
+        (net, mode)))
 
     def run(*overrides):
         modes.clear()
