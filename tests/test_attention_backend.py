@@ -271,3 +271,20 @@ def test_backend_choice_compiles_fullgraph(monkeypatch, tmp_path):
     finally:
         unpatch_attention(model)
         torch._dynamo.reset()
+
+
+def test_environment_log_names_the_sdpa_kernel_that_ran():
+    """gpu_checks env records which SDPA implementation really ran under a backend (profiler names)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_checks.py"
+    spec = importlib.util.spec_from_file_location("_gpu_checks_for_test", path)
+    gpu_checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_checks)
+    math_row = gpu_checks.sdpa_kernels_that_ran("cpu", "math", "tiny", (1, 2, 33, 16))
+    default_row = gpu_checks.sdpa_kernels_that_ran("cpu", "sdpa-default", "tiny", (1, 2, 33, 16))
+    assert "error" not in math_row and math_row["choice"] == "sdpa[math]"
+    assert any("math" in name for name in math_row["aten_ops"])
+    assert default_row["choice"] == "sdpa-default" and not any("math" in n for n in default_row["aten_ops"])
+    assert "error" in gpu_checks.sdpa_kernels_that_ran("cpu", "no-such-backend", "tiny", (1, 2, 33, 16))
