@@ -80,6 +80,11 @@ if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
   # Every switch on (FP8 no-grad passes, teacher graphs, overlap, rollout graphs): the fast mode only, same shape.
   step bench_step_all 120 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 \
     --batch 4 --layers 4 --iters 8 --warmup 3 --all-switches --only fast
+  # The fast mode with diffusers' default attention: against bench_step's fast mode (attention_backend=auto),
+  # what the per-device exact backend buys in the iteration (issue 24).
+  step bench_step_sdpa_default 120 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape \
+    --resolution 1024 --batch 4 --layers 4 --iters 8 --warmup 3 --only fast --set speed.attention_backend=sdpa-default \
+    --json "$OUT/bench_step_sdpa_default.json"
 elif [ "$DRY" = 1 ]; then
   step bench_step 120 "$PY" benchmarks/bench_step.py --device cpu --preset tiny --iters 2 --warmup 1 --threads 1 \
     --json "$OUT/bench_step.json"
@@ -96,7 +101,9 @@ if [ "$DRY" = 1 ]; then
   step bench_ops_compile 120 "$PY" benchmarks/bench_ops.py --device cpu --quick --ops euler_extrapolate \
     --providers "compile(reference),cpp" --json "$OUT/bench_ops_compile.json"
 else
-  step bench_attention 90 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
+  # Every bf16 SDPA backend forward and backward (default, flash, cuDNN, efficient, ours auto) beside the 8-bit
+  # kernels: the figures that fill cdm_kernels/attention/speed_table.py (issue 24).
+  step bench_attention 180 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
     --out "$OUT/bench_attention.json"
   # Fused vs eager at the SD3 batch-16, Flux and video shapes (GB/s vs the copy ceilings, programs per SM);
   # then torch.compile(reference) in passes of their own, the unseeded ops first: inductor's compile time
