@@ -192,6 +192,7 @@ def cmd_fp8(args) -> int:
         int8_attention_reference,
         sqnr_db,
     )
+    from cdm_kernels.attention.fp8_attention import reference_blocks
 
     device = "cpu" if args.cpu else "cuda"
     settings = [(1, 2, 130, 64)] if args.cpu else [(1, 24, 4096, 64), (1, 24, 4429, 64), (2, 8, 4096, 128)]
@@ -211,7 +212,10 @@ def cmd_fp8(args) -> int:
             try:
                 with torch.no_grad():
                     out = fp8_attention(q, k, v, path=path).float()
-                    twin = twin_fn(q, k, v)
+                    # the FP8 twin with the blocks of the kernel's stored config for this GPU (its quantisation blocks)
+                    blocks = ({} if path != "triton" else
+                              reference_blocks(d, torch.cuda.get_device_capability() if device == "cuda" else None))
+                    twin = twin_fn(q, k, v, **blocks)
                 rec.update(sqnr_vs_float64_db=sqnr_db(out, exact), twin_sqnr_vs_float64_db=sqnr_db(twin, exact),
                            sqnr_vs_twin_db=sqnr_db(out, twin))
                 rec["passed"] = rec["sqnr_vs_float64_db"] >= min_exact and rec["sqnr_vs_twin_db"] >= min_twin

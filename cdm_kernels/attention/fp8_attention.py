@@ -32,11 +32,18 @@ from .dispatch import HAS_TRITON, cuda_auto_path  # noqa: F401
 from .dispatch import resolve_path as _resolve_path
 
 
-def kernel_config(head_dim: int) -> dict:
-    """Block sizes and launch parameters of the Triton path (see ``_kernels.kernel_config``)."""
+def kernel_config(head_dim: int, capability: tuple[int, int] | None = None) -> dict:
+    """Block sizes and launch parameters of the Triton path on a GPU of `capability` (None: the interpreter's
+    and the CPU's; see ``_kernels.kernel_config``)."""
     from ._kernels import kernel_config as _cfg
 
-    return _cfg(head_dim)
+    return _cfg(head_dim, capability)
+
+
+def reference_blocks(head_dim: int, capability: tuple[int, int] | None = None) -> dict:
+    """``fp8_attention_reference``'s block_m / block_n for the kernel's launch on such a GPU (its twin)."""
+    cfg = kernel_config(head_dim, capability)
+    return {"block_m": cfg["BLOCK_M"], "block_n": cfg["BLOCK_N"]}
 
 
 def _sdpa(q, k, v, softmax_scale: float) -> torch.Tensor:
@@ -102,5 +109,5 @@ def fp8_attention(
     return _fp8_attention_op(q, k, v, float(softmax_scale), path)
 
 
-__all__ = ["fp8_attention", "kernel_config", "native_fp8_available", "check_triton_path_device",
+__all__ = ["fp8_attention", "kernel_config", "reference_blocks", "native_fp8_available", "check_triton_path_device",
            "cuda_auto_path", "SUPPORTED_HEAD_DIMS"]
