@@ -497,10 +497,13 @@ def test_gpu_code_path_compiles_for_sm90_without_a_gpu(tmp_path):
         pytest.skip("triton without its NVIDIA backend")
     script = (
         "from cdm_kernels.attention._kernels import aot_compile\n"
-        "ptx = aot_compile(90, 64, 'bf16', even_n=False)\n"
-        "a = ptx['attention']\n"
-        "assert 'wgmma.mma_async' in a and 'e4m3' in a, 'no FP8 wgmma'\n"
-        "assert 'cvt.rn.satfinite.e4m3x2.f32' in ptx['quantize'], 'no RNE fp8 cast'\n"
+        "for d in (64, 128):\n"
+        "    ptx = aot_compile(90, d, 'bf16', even_n=False)\n"
+        "    a = ptx['attention']\n"
+        "    assert 'wgmma.mma_async' in a and 'e4m3' in a, 'no FP8 wgmma'\n"
+        "    assert a.count('cp.async.commit_group') >= 2, 'K/V tiles not pipelined (cp.async stages)'\n"
+        "    assert 'cvt.rn.satfinite.e4m3x2.f32' in ptx['quantize'], 'no RNE fp8 cast'\n"
+        "    assert 'st.global' in ptx['colsum']\n"
         "print('ok')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
