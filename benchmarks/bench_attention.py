@@ -188,6 +188,43 @@ def providers_kind(pname: str) -> str:
     return "bf16" if pname.startswith("sdpa-") or pname.endswith("-bf16") else "8bit"
 
 
+def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[dict]:
+    """The FP8 kernel under each stored candidate launch config of this GPU (``_kernels.CONFIGS``; on the CPU, sm_90's
+    set through the interpreter): which one should be the stored default. SQNR per config, since the blocks are
+    part of the numerics."""
+    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+
+    cap = tuple(torch.cuda.get_device_capability()) if device == "cuda" else (9, 0)
+    rows = []
+    for name, b, h, s, d in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        qs, ks, vs = (t[:1, :2] for t in (q, k, v))
+        exact = attention_float(qs, ks, vs, dtype=torch.float32 if device == "cuda" else torch.float64)
+        flops = 4 * b * h * s * s * d
+        for i, cfg in enumerate(kernel_configs(d, cap)):
+            row = {"shape": name, "B": b, "S": s, "D": d, "sm": "{}{}".format(*cap), "stored_default": i == 0,
+                   "config": "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)}
+            try:
+                with torch.no_grad():
+                    row["sqnr_db"] = round(sqnr_db(triton_fp8_attention(qs, ks, vs, d ** -0.5, cfg), exact), 2)
+                    sec = _time(lambda cfg=cfg, q=q, k=k, v=v, scale=d ** -0.5: triton_fp8_attention(q, k, v, scale,
+                                                                                                    cfg), device, reps)
+            except Exception as exc:  # a config that does not fit (shared memory) must not hide the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                rows.append(row)
+                continue
+            row["ms"] = round(sec * 1e3, 4)
+            row["tflops"] = round(flops / sec / 1e12, 2)
+            for key, peak in ceilings.items():
+                row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
+            rows.append(row)
+        del q, k, v
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _sd3_config(quick: bool) -> tuple[dict, dict]:
     if quick:  # tiny random-init SD3: 64 image + 13 text tokens, 2 heads of 64
         cfg = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
@@ -269,6 +306,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the only sensible choice on CPU)")
     ap.add_argument("--section", default="all", choices=["all", "attention", "model"])
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (GPU uses do_bench)")
+    ap.add_argument("--fp8-configs", action="store_true",
+                    help="with the attention section: also time the FP8 kernel under each stored launch config")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args(argv)
     quick = args.quick or args.device == "cpu"
@@ -294,6 +333,10 @@ def main(argv=None) -> None:
         shapes = CPU_SHAPES if quick else GPU_SHAPES
         result["attention"] = bench_attention(args.device, shapes, args.reps, ceilings)
         _print_rows("attention", result["attention"])
+        if args.fp8_configs:
+            result["fp8_configs"] = bench_fp8_configs(args.device, shapes[:1] if quick else shapes, args.reps,
+                                                      ceilings)
+            _print_rows("FP8 kernel per stored launch config", result["fp8_configs"])
     if args.section in ("all", "model"):
         result["model"] = bench_model(args.device, quick, args.reps)
         _print_rows("whole model (teacher velocity)", result["model"])

@@ -103,7 +103,7 @@ if [ "$DRY" = 1 ]; then
 else
   # Every bf16 SDPA backend forward and backward (default, flash, cuDNN, efficient, ours auto) beside the 8-bit
   # kernels: the figures that fill cdm_kernels/attention/speed_table.py (issue 24).
-  step bench_attention 180 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
+  step bench_attention 180 "$PY" benchmarks/bench_attention.py --device cuda --section attention --fp8-configs \
     --out "$OUT/bench_attention.json"
   # Fused vs eager at the SD3 batch-16, Flux and video shapes (GB/s vs the copy ceilings, programs per SM);
   # then torch.compile(reference) in passes of their own, the unseeded ops first: inductor's compile time
