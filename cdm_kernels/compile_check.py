@@ -152,10 +152,13 @@ def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype, k
         v = torch.empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
         triton_int8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
     elif kind == "fp8-sm90":
-        from .attention._kernels import kernel_config
+        from .attention._kernels import kernel_config, kernel_configs
 
-        # sm_90's stored launch config (128 x 128 tiles); plan() compiles these launches for sm_90 only.
-        triton_fp8_attention(q, k, v, head_dim ** -0.5, kernel_config(head_dim, (9, 0)), soft_round=False)
+        # sm_90's stored default launch config (128 x 128 tiles) and its TMA candidate (tensor descriptors); plan()
+        # compiles these launches for sm_90 only.
+        tma = [c for c in kernel_configs(head_dim, (9, 0)) if c.get("tma")]
+        for cfg in [kernel_config(head_dim, (9, 0)), *tma]:
+            triton_fp8_attention(q, k, v, head_dim ** -0.5, cfg, soft_round=False)
     else:
         triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
 

@@ -124,15 +124,20 @@ def test_kernel_matches_reference_twin():
 
 @needs_triton
 @pytest.mark.parametrize("d", [64, 128])
-def test_sm90_stored_config_under_the_interpreter(d):
-    """The sm_90 launch config (128 x 128 tiles, parallel K smoothing) through the interpreter: odd S, offset keys,
-    a non-contiguous (B, S, H, D) view; the same roundings as the twin with those blocks, >= 25 dB vs float64."""
+@pytest.mark.parametrize("tma", [False, True])
+def test_sm90_stored_config_under_the_interpreter(d, tma):
+    """The sm_90 launch config (128 x 128 tiles, parallel K smoothing; and its TMA tensor-descriptor candidate)
+    through the interpreter: odd S, offset keys, a non-contiguous (B, S, H, D) view; the same roundings as the twin
+    with those blocks, >= 25 dB vs float64."""
     from cdm_kernels.attention._kernels import kernel_config as sm_config
-    from cdm_kernels.attention._kernels import triton_fp8_attention
+    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
     from cdm_kernels.attention.fp8_attention import reference_blocks
 
     cfg = sm_config(d, (9, 0))
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (128, 128, 8)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (128, 128, 8) and not cfg.get("tma")
+    if tma:
+        cfg = next(c for c in kernel_configs(d, (9, 0)) if c.get("tma"))
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 128)
     assert reference_blocks(d, (9, 0)) == {"block_m": 128, "block_n": 128}
     s = 331  # three key blocks, the last one partial
     g = torch.Generator().manual_seed(d)

@@ -147,11 +147,22 @@ def _quantize_qkv_kernel(
             _quantize_block_store(x, valid, dst, v_scale_ptr + bh * N_BLK_N + pid, SOFT_ROUND)
 
 @triton.jit
+def _load_kv(kt_ptrs, vt_ptrs, k_desc, vt_desc, k_row, vt_row, key0, USE_TMA: tl.constexpr):
+    """(K^T, V^T) tiles, both (D, BLOCK_N) float8: through TMA tensor descriptors or plain pointers."""
+    if USE_TMA:
+        kt = tl.trans(k_desc.load([k_row, 0]))
+        vt = vt_desc.load([vt_row, key0])
+    else:
+        kt = tl.load(kt_ptrs)  # K^T, contiguous along D
+        vt = tl.load(vt_ptrs)  # V^T, contiguous along keys
+    return kt, vt
+
+
+@triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, q_scale, kt_ptrs, vt_ptrs, k_scale, v_scale, key_idx, S,
+    acc, m_i, l_i, q, q_scale, kt, vt, k_scale, v_scale, key_idx, S,
     MASK_KEYS: tl.constexpr, SOFT_ROUND: tl.constexpr,
 ):
-    kt = tl.load(kt_ptrs)  # (D, BLOCK_N) float8: K^T, contiguous along D
     s = tl.dot(q, kt, out_dtype=tl.float32) * (q_scale * k_scale)
     if MASK_KEYS:
         s = tl.where((key_idx < S)[None, :], s, float("-inf"))
@@ -163,7 +174,6 @@ def _attend_block(
     row_factor = tl.exp2(m_blk - m_new) * (1.0 / 448.0)
     l_i = l_i * alpha + tl.sum(p, axis=1) * row_factor
     p8 = _to_e4m3(p, SOFT_ROUND)
-    vt = tl.load(vt_ptrs)  # (D, BLOCK_N) float8: V^T, contiguous along keys
     pv = tl.dot(p8, tl.trans(vt), out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv * (row_factor * v_scale)[:, None]
     return acc, m_new, l_i
@@ -174,7 +184,7 @@ def _fp8_attention_fwd_kernel(
     s_ob, s_oh, s_os, s_od,
     S, H, S_PAD_M, S_PAD_N, N_BLK_M, N_BLK_N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, SOFT_ROUND: tl.constexpr,
+    EVEN_N: tl.constexpr, SOFT_ROUND: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -184,7 +194,19 @@ def _fp8_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     # Buffers are padded to whole blocks (zeros), so only the output store is masked.
-    q = tl.load(q8_ptr + bh * S_PAD_M * D + offs_m[:, None] * D + offs_d[None, :])
+    if USE_TMA:  # 2-D views (rows of all heads, columns); every stride a multiple of 16 bytes (padded S)
+        n_bh = tl.num_programs(1)
+        k_desc = tl.make_tensor_descriptor(k8_ptr, shape=[n_bh * S_PAD_N, D], strides=[D, 1],
+                                           block_shape=[BLOCK_N, D])
+        vt_desc = tl.make_tensor_descriptor(v8t_ptr, shape=[n_bh * D, S_PAD_N], strides=[S_PAD_N, 1],
+                                            block_shape=[D, BLOCK_N])
+        q_desc = tl.make_tensor_descriptor(q8_ptr, shape=[n_bh * S_PAD_M, D], strides=[D, 1],
+                                           block_shape=[BLOCK_M, D])
+        q = q_desc.load([(bh * S_PAD_M + pid_m * BLOCK_M).to(tl.int32), 0])
+    else:
+        k_desc = 0
+        vt_desc = 0
+        q = tl.load(q8_ptr + bh * S_PAD_M * D + offs_m[:, None] * D + offs_d[None, :])
     q_scale = tl.load(q_scale_ptr + bh * N_BLK_M + pid_m)
     kt_base = k8_ptr + bh * S_PAD_N * D + offs_d[:, None]
     vt_base = v8t_ptr + bh * D * S_PAD_N + offs_d[:, None] * S_PAD_N
@@ -195,26 +217,35 @@ def _fp8_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     n_full = N_BLK_N if EVEN_N else N_BLK_N - 1
+    k_row0 = (bh * S_PAD_N).to(tl.int32)
+    vt_row = (bh * D).to(tl.int32)
     for j in range(0, n_full):
         key_idx = j * BLOCK_N + offs_n
+        kt, vt = _load_kv(kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
+                          k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, USE_TMA)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :],
-            tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, False, SOFT_ROUND,
+            acc, m_i, l_i, q, q_scale, kt, vt, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, False,
+            SOFT_ROUND,
         )
     if not EVEN_N:
         j = N_BLK_N - 1
         key_idx = j * BLOCK_N + offs_n
+        kt, vt = _load_kv(kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
+                          k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, USE_TMA)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :],
-            tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, True, SOFT_ROUND,
+            acc, m_i, l_i, q, q_scale, kt, vt, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, True,
+            SOFT_ROUND,
         )
     out = acc / l_i[:, None]
     dst = o_ptr + b * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_os + offs_d[None, :] * s_od
     tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int) -> dict:
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> dict:
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    if tma:  # Q, K and V^T tiles through TMA tensor descriptors (sm_90) instead of pointer loads (cp.async)
+        cfg["tma"] = True
+    return cfg
 
 
 # Stored launch configs per (arch, head dim), the default first, then the other candidates worth timing on that
@@ -224,9 +255,21 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> dict:
 # each issuing m64n128 / m64nD wgmma), 3 stages at D=64 and 2 at D=128 (shared memory: a K and a V^T tile per
 # stage). Untimed on a GPU so far (the H200 figures in RESULTS_gpu.md are of the 128 x 64 config).
 CONFIGS: dict[tuple[int, int], list[dict]] = {
-    (90, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)],
-    (90, 128): [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 3)],
+    (90, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3, tma=True)],
+    (90, 128): [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2, tma=True)],
 }
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch allocator (triton.set_allocator); set one once."""
+    if getattr(_ensure_tma_allocator, "done", False):
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+    _ensure_tma_allocator.done = True
 
 
 def kernel_configs(head_dim: int, capability: tuple[int, int] | None = None) -> list[dict]:
@@ -289,10 +332,13 @@ def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = No
     out = _output_like(q)
     # The interpreter's fp32 -> bf16 cast truncates: keep fp32 there and let torch round.
     o = _output_like(q, torch.float32) if (soft and q.dtype != torch.float32) else out
+    use_tma = bool(cfg.get("tma", False))
+    if use_tma and dev.type == "cuda" and not INTERPRET:
+        _ensure_tma_allocator()
     _fp8_attention_fwd_kernel[(n_blk_m, bh)](
         q8, k8, v8t, q_scale, k_scale, v_scale, o, *o.stride(),
         s, h, s_pad_m, s_pad_n, n_blk_m, n_blk_n,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=(s % bn == 0), SOFT_ROUND=soft,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=(s % bn == 0), SOFT_ROUND=soft, USE_TMA=use_tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if o is not out:
