@@ -381,6 +381,7 @@ def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", e
                    {"D": head_dim, "BLOCK_N": cfg["BLOCK_N"]}, {"num_warps": 4})
     quant = build(_quantize_qkv_kernel, {**{n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr")}, **f8, **f32,
                                          "k_part_ptr": "*fp32"}, {"q_mult": "fp32"}, blocks, {"num_warps": 4})
-    attn = build(_fp8_attention_fwd_kernel, {**f8, **f32, "o_ptr": f"*{dtype}"}, {}, {**blocks, "EVEN_N": even_n},
+    consts = {**blocks, "EVEN_N": even_n, "USE_TMA": bool(cfg.get("tma", False))}
+    attn = build(_fp8_attention_fwd_kernel, {**f8, **f32, "o_ptr": f"*{dtype}"}, {}, consts,
                  {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     return {"colsum": colsum, "quantize": quant, "attention": attn}
