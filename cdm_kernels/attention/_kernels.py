@@ -147,22 +147,16 @@ def _quantize_qkv_kernel(
             _quantize_block_store(x, valid, dst, v_scale_ptr + bh * N_BLK_N + pid, SOFT_ROUND)
 
 @triton.jit
-def _load_kv(kt_ptrs, vt_ptrs, k_desc, vt_desc, k_row, vt_row, key0, USE_TMA: tl.constexpr):
-    """(K^T, V^T) tiles, both (D, BLOCK_N) float8: through TMA tensor descriptors or plain pointers."""
+def _attend_block(
+    acc, m_i, l_i, q, q_scale, kt_ptrs, vt_ptrs, k_desc, vt_desc, k_row, vt_row, key0, k_scale, v_scale, key_idx, S,
+    MASK_KEYS: tl.constexpr, SOFT_ROUND: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    # (D, BLOCK_N) float8 tiles of K^T and V^T, through TMA tensor descriptors or plain pointers. V is loaded after
+    # the softmax: loaded up front it stays live across the QK^T MMA (sm_89 + triton 3.6 then spills at D=128).
     if USE_TMA:
         kt = tl.trans(k_desc.load([k_row, 0]))
-        vt = vt_desc.load([vt_row, key0])
     else:
         kt = tl.load(kt_ptrs)  # K^T, contiguous along D
-        vt = tl.load(vt_ptrs)  # V^T, contiguous along keys
-    return kt, vt
-
-
-@triton.jit
-def _attend_block(
-    acc, m_i, l_i, q, q_scale, kt, vt, k_scale, v_scale, key_idx, S,
-    MASK_KEYS: tl.constexpr, SOFT_ROUND: tl.constexpr,
-):
     s = tl.dot(q, kt, out_dtype=tl.float32) * (q_scale * k_scale)
     if MASK_KEYS:
         s = tl.where((key_idx < S)[None, :], s, float("-inf"))
@@ -174,6 +168,10 @@ def _attend_block(
     row_factor = tl.exp2(m_blk - m_new) * (1.0 / 448.0)
     l_i = l_i * alpha + tl.sum(p, axis=1) * row_factor
     p8 = _to_e4m3(p, SOFT_ROUND)
+    if USE_TMA:
+        vt = vt_desc.load([vt_row, key0])
+    else:
+        vt = tl.load(vt_ptrs)  # V^T, contiguous along keys
     pv = tl.dot(p8, tl.trans(vt), out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv * (row_factor * v_scale)[:, None]
     return acc, m_new, l_i
@@ -221,20 +219,18 @@ def _fp8_attention_fwd_kernel(
     vt_row = (bh * D).to(tl.int32)
     for j in range(0, n_full):
         key_idx = j * BLOCK_N + offs_n
-        kt, vt = _load_kv(kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
-                          k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, USE_TMA)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, q_scale, kt, vt, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, False,
-            SOFT_ROUND,
+            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
+            k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S,
+            False, SOFT_ROUND, USE_TMA,
         )
     if not EVEN_N:
         j = N_BLK_N - 1
         key_idx = j * BLOCK_N + offs_n
-        kt, vt = _load_kv(kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
-                          k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, USE_TMA)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, q_scale, kt, vt, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S, True,
-            SOFT_ROUND,
+            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
+            k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S,
+            True, SOFT_ROUND, USE_TMA,
         )
     out = acc / l_i[:, None]
     dst = o_ptr + b * s_ob + h * s_oh + offs_m.to(tl.int64)[:, None] * s_os + offs_d[None, :] * s_od
