@@ -1,16 +1,22 @@
-"""FP8 attention benchmark: TFLOP/s and accuracy of fp8_attention vs bf16 SDPA (and FA3/TE FP8
-where installed) at SD3-Medium / Flux / video shapes, against the device's measured matmul
-ceilings, plus a whole-model check (teacher velocity with FP8 attention and FP8 linears vs bf16).
+"""Attention benchmark: TFLOP/s and accuracy of every exact (bf16) SDPA backend, forward and backward, and of
+our 8-bit kernels (and FA3/TE where installed) at SD3-Medium / Flux / video shapes, against the device's
+matmul ceilings measured in the same run, plus a whole-model check (teacher velocity with FP8 attention and FP8
+linears vs bf16).
 
 GPU (one command, prints markdown rows and writes JSON):
     python benchmarks/bench_attention.py --device cuda --out bench_attention.json
 CPU smoke run through the Triton interpreter (tiny shapes; proves the script and measures accuracy):
     python benchmarks/bench_attention.py --device cpu --quick
 
-FLOPs per forward: 4 * B * H * S^2 * D (two GEMMs). Times include our Q/K/V quantisation pre-pass.
-Providers: sdpa-bf16 (flash), ours-fp8 (fp8_attention path="auto": the FP8 kernel on sm_89+, the INT8-QK
-kernel on sm_80/86; the "runs" column says which), ours-int8 (path="int8", sm_80+: half its FLOPs are
-int8 ops, so its TFLOP/s is "TFLOP-equivalent"), fa3-fp8 / te-fp8 where installed.
+FLOPs per forward: 4 * B * H * S^2 * D (two GEMMs); per backward 2.5x that (five GEMMs). Times include our
+Q/K/V quantisation pre-pass. Providers, bf16 (forward, and backward as fwd+bwd minus fwd): sdpa-default (torch's
+own order, what diffusers runs), sdpa-flash, sdpa-cudnn (cdm_kernels' "cudnn" choice: flash instead where the
+loaded cuDNN has the S % 128 fault, so the run cannot crash; the "runs" column says what was chosen),
+sdpa-efficient, ours-bf16-auto (cdm_kernels' per-device choice, speed.attention_backend=auto), fa3-bf16 / te-bf16
+where installed. 8-bit, forward only: ours-fp8 (fp8_attention path="auto": the FP8 kernel on sm_89+, the INT8-QK
+kernel on sm_80/86), ours-int8 (path="int8", sm_80+: half its FLOPs are int8 ops, so its TFLOP/s is
+"TFLOP-equivalent"), fa3-fp8 / te-fp8 where installed. speedup_vs_best_bf16: the fastest bf16 forward of the
+same shape in this run over this provider's forward (what cdm_kernels/attention/speed_table.py records).
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from cdm_kernels.attention import (  # noqa: E402
     fp8_attention,
     native_int8_available,
     patch_attention,
+    sdpa_backend,  # noqa: E402
     sqnr_db,
 )
-from cdm_kernels.attention.fp8_attention import cuda_auto_path  # noqa: E402
+from cdm_kernels.attention.dispatch import cuda_auto_path  # noqa: E402
 
 GPU_SHAPES = [  # (name, B, H, S, D)
     *[(f"SD3-M 1024px B={b}", b, 24, 4429, 64) for b in (2, 4, 8, 16)],
@@ -81,23 +88,43 @@ def matmul_ceilings(device: str) -> dict[str, float]:
     return out
 
 
-def providers(device: str) -> dict:
-    def sdpa(q, k, v):
-        if device == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+def providers(device: str) -> dict[str, tuple]:
+    """name -> (function of q, k, v, kind "bf16" | "8bit", what runs)."""
+    facts = sdpa_backend.device_facts(device)
 
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
+    def exact(backend):
+        def fn(q, k, v):
+            return sdpa_backend.run_attention(q, k, v, backend=backend)
 
-    provs = {"sdpa-bf16": sdpa, "ours-fp8": lambda q, k, v: fp8_attention(q, k, v, path="auto")}
+        return fn
+
+    def label(backend, s=4096):
+        return sdpa_backend.choose_backend(backend, facts, seq_len=s).label
+
+    provs = {"sdpa-default": (F.scaled_dot_product_attention, "bf16", "torch's order"),
+             "sdpa-flash": (exact("flash"), "bf16", label("flash")),
+             "sdpa-cudnn": (exact("cudnn"), "bf16", label("cudnn")),
+             "sdpa-efficient": (exact("efficient"), "bf16", label("efficient")),
+             "ours-bf16-auto": (exact("auto"), "bf16", label("auto"))}
+    for name in sorted(facts.optional):
+        provs[f"{name}-bf16"] = (exact(name), "bf16", name)
+    provs["ours-fp8"] = (lambda q, k, v: fp8_attention(q, k, v, path="auto"), "8bit", "auto")
     if device == "cpu" or native_int8_available(torch.device("cuda")):
-        provs["ours-int8"] = lambda q, k, v: fp8_attention(q, k, v, path="int8")
+        provs["ours-int8"] = (lambda q, k, v: fp8_attention(q, k, v, path="int8"), "8bit", "int8")
     if device == "cuda":
         for name, present in _backends.available().items():
             if present:
-                provs[f"{name}-fp8"] = lambda q, k, v, p=name: fp8_attention(q, k, v, path=p)
+                provs[f"{name}-fp8"] = (lambda q, k, v, p=name: fp8_attention(q, k, v, path=p), "8bit", name)
     return provs
+
+
+def _runs(pname: str, what: str, device: str, d: int, s: int) -> str:
+    if pname == "ours-fp8":  # what path="auto" picked on this device
+        return cuda_auto_path(torch.cuda.get_device_capability(), d) if device == "cuda" else "triton (interpreter)"
+    if pname in ("sdpa-cudnn", "ours-bf16-auto"):  # these depend on S (the cuDNN length fault)
+        backend = "cudnn" if pname == "sdpa-cudnn" else "auto"
+        return sdpa_backend.choose_backend(backend, sdpa_backend.device_facts(device), seq_len=s).label
+    return what
 
 
 def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict]:
@@ -105,16 +132,15 @@ def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict
     for name, b, h, s, d in shapes:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        dout = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g)
         # Accuracy on at most 2 (batch, head) pairs: the float reference materialises S x S scores.
         qs, ks, vs = (t[:1, :2] for t in (q, k, v))
         exact = attention_float(qs, ks, vs, dtype=torch.float32 if device == "cuda" else torch.float64)
         flops = 4 * b * h * s * s * d
-        base = None
-        for pname, fn in providers(device).items():
-            row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "provider": pname}
-            if pname == "ours-fp8":  # what path="auto" picked on this device
-                row["runs"] = (cuda_auto_path(torch.cuda.get_device_capability(), d) if device == "cuda"
-                               else "triton (interpreter)")
+        shape_rows = []
+        for pname, (fn, kind, what) in providers(device).items():
+            row = {"shape": name, "B": b, "H": h, "S": s, "D": d, "provider": pname,
+                   "runs": _runs(pname, what, device, d, s)}
             try:
                 with torch.no_grad():
                     row["sqnr_db"] = round(sqnr_db(fn(qs, ks, vs), exact), 2)
@@ -122,16 +148,74 @@ def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict
                     row["sqnr_key_offset8_db"] = round(sqnr_db(fn(qs, ko, vs), attention_float(qs, ko, vs,
                                                        dtype=exact.dtype)), 2)
                     sec = _time(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), device, reps)
+                if kind == "bf16":
+                    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+                    def fwd_bwd(fn=fn, qg=qg, kg=kg, vg=vg, dout=dout):
+                        torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), dout)
+
+                    total = _time(fwd_bwd, device, reps)
+                    row["fwd_bwd_ms"] = round(total * 1e3, 4)
+                    if total > sec:  # CPU timing noise can invert them: then no backward figure
+                        row["bwd_ms"] = round((total - sec) * 1e3, 4)
+                        row["bwd_tflops"] = round(2.5 * flops / (total - sec) / 1e12, 2)
+                    del qg, kg, vg
             except Exception as exc:  # an optional provider failing must not hide the others
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                shape_rows.append(row)
+                continue
+            row["ms"] = round(sec * 1e3, 4)
+            row["tflops"] = round(flops / sec / 1e12, 2)
+            for key, peak in ceilings.items():
+                row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
+            shape_rows.append(row)
+        timed = [r for r in shape_rows if "ms" in r]
+        default = next((r["ms"] for r in timed if r["provider"] == "sdpa-default"), None)
+        best_bf16 = min((r["ms"] for r in timed if providers_kind(r["provider"]) == "bf16"), default=None)
+        for r in timed:
+            if default:
+                r["speedup_vs_sdpa_default"] = round(default / r["ms"], 3)
+            if best_bf16:
+                r["speedup_vs_best_bf16"] = round(best_bf16 / r["ms"], 3)
+        rows += shape_rows
+        del q, k, v, dout
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def providers_kind(pname: str) -> str:
+    return "bf16" if pname.startswith("sdpa-") or pname.endswith("-bf16") else "8bit"
+
+
+def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[dict]:
+    """The FP8 kernel under each stored candidate launch config of this GPU (``_kernels.CONFIGS``; on the CPU, sm_90's
+    set through the interpreter): which one should be the stored default. SQNR per config, since the blocks are
+    part of the numerics."""
+    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+
+    cap = tuple(torch.cuda.get_device_capability()) if device == "cuda" else (9, 0)
+    rows = []
+    for name, b, h, s, d in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        qs, ks, vs = (t[:1, :2] for t in (q, k, v))
+        exact = attention_float(qs, ks, vs, dtype=torch.float32 if device == "cuda" else torch.float64)
+        flops = 4 * b * h * s * s * d
+        for i, cfg in enumerate(kernel_configs(d, cap)):
+            row = {"shape": name, "B": b, "S": s, "D": d, "sm": "{}{}".format(*cap), "stored_default": i == 0,
+                   "config": "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)}
+            try:
+                with torch.no_grad():
+                    row["sqnr_db"] = round(sqnr_db(triton_fp8_attention(qs, ks, vs, d ** -0.5, cfg), exact), 2)
+                    sec = _time(lambda cfg=cfg, q=q, k=k, v=v, scale=d ** -0.5: triton_fp8_attention(q, k, v, scale,
+                                                                                                    cfg), device, reps)
+            except Exception as exc:  # a config that does not fit (shared memory) must not hide the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
                 continue
             row["ms"] = round(sec * 1e3, 4)
             row["tflops"] = round(flops / sec / 1e12, 2)
-            if pname == "sdpa-bf16":
-                base = sec
-            if base:
-                row["speedup_vs_sdpa"] = round(base / sec, 3)
             for key, peak in ceilings.items():
                 row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
             rows.append(row)
@@ -186,6 +270,10 @@ def bench_model(device: str, quick: bool, reps: int) -> list[dict]:
     def rel(out):
         return float((out.float() - ref).norm() / ref.norm())
 
+    patch_attention(model, mode="bf16", backend="auto")  # the exact backend speed.attention_backend=auto picks
+    out = run()
+    rows.append({"model": name, "variant": "bf16, attention_backend=auto", "rel_err_vs_bf16": round(rel(out), 5),
+                 "ms": round(_time(run, device, reps) * 1e3, 3)})
     patch_attention(model, mode="fp8_no_grad")
     out = run()
     rows.append({"model": name, "variant": "fp8 attention", "rel_err_vs_bf16": round(rel(out), 5),
@@ -218,6 +306,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the only sensible choice on CPU)")
     ap.add_argument("--section", default="all", choices=["all", "attention", "model"])
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (GPU uses do_bench)")
+    ap.add_argument("--fp8-configs", action="store_true",
+                    help="with the attention section: also time the FP8 kernel under each stored launch config")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args(argv)
     quick = args.quick or args.device == "cpu"
@@ -243,6 +333,10 @@ def main(argv=None) -> None:
         shapes = CPU_SHAPES if quick else GPU_SHAPES
         result["attention"] = bench_attention(args.device, shapes, args.reps, ceilings)
         _print_rows("attention", result["attention"])
+        if args.fp8_configs:
+            result["fp8_configs"] = bench_fp8_configs(args.device, shapes[:1] if quick else shapes, args.reps,
+                                                      ceilings)
+            _print_rows("FP8 kernel per stored launch config", result["fp8_configs"])
     if args.section in ("all", "model"):
         result["model"] = bench_model(args.device, quick, args.reps)
         _print_rows("whole model (teacher velocity)", result["model"])

@@ -70,6 +70,19 @@ fi
 HAS_DIFFUSERS=$("$PY" -c "import diffusers" >/dev/null 2>&1 && echo 1 || echo 0)
 
 step env 60 "$PY" benchmarks/gpu_checks.py env $CPU --out "$OUT/env.json"
+# Issue 27, the largest lever first: what regional compile and FP8 linears do to one model evaluation (one
+# SD3-Medium block, 1024 px, batch 4), then the iteration with them (reference = the official launch's memory
+# plan, full checkpointing) against the cost model's prediction. FP8 linears need torchao (carry its wheel).
+if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
+  step bench_blocks 150 "$PY" benchmarks/bench_blocks.py --device cuda --families sd3 --policies none,selective \
+    --json "$OUT/bench_blocks.json"
+  step bench_step_compiled 240 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape --resolution 1024 \
+    --batch 4 --layers 4 --iters 8 --warmup 3 --compile --set train.grad_checkpointing=selective \
+    --set speed.fp8_linear_teacher=true --json "$OUT/bench_step_compiled.json"
+elif [ "$HAS_DIFFUSERS" = 1 ]; then
+  step bench_blocks 120 "$PY" benchmarks/bench_blocks.py --device cpu --quick --families sd3 --policies none \
+    --no-fp8 --backend aot_eager --json "$OUT/bench_blocks.json"
+fi
 step ops 100 "$PY" benchmarks/gpu_checks.py ops $CPU --out "$OUT/ops.json"
 step fp8 60 "$PY" benchmarks/gpu_checks.py fp8 $CPU --out "$OUT/fp8.json"
 step graphs 60 "$PY" benchmarks/gpu_checks.py graphs $CPU --out "$OUT/graphs.json"
@@ -84,9 +97,14 @@ if [ "$HAS_DIFFUSERS" = 1 ] && [ "$DRY" = 0 ]; then
   # block; each measured against the same fast mode with that one switch off (--ablate).
   step bench_step_overlap_small 110 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape \
     --resolution 512 --batch 1 --layers 4 --iters 8 --warmup 3 --only fast --set lora.student=true \
-    --set lora.fake=true --set speed.cuda_graphs_teacher=true --set speed.overlap_teacher_calls=true \
+    --set lora.fake=true --set speed.overlap_teacher_calls=true \
     --set speed.compile_loss_block=true --ablate overlap_teacher_calls,compile_loss_block \
     --json "$OUT/bench_step_overlap_small.json"
+  # The fast mode with diffusers' default attention: against bench_step's fast mode (attention_backend=auto),
+  # what the per-device exact backend buys in the iteration (issue 24).
+  step bench_step_sdpa_default 120 "$PY" benchmarks/bench_step.py --device cuda --preset sd3-medium-shape \
+    --resolution 1024 --batch 4 --layers 4 --iters 8 --warmup 3 --only fast --set speed.attention_backend=sdpa-default \
+    --json "$OUT/bench_step_sdpa_default.json"
 elif [ "$DRY" = 1 ]; then
   step bench_step 120 "$PY" benchmarks/bench_step.py --device cpu --preset tiny --iters 2 --warmup 1 --threads 1 \
     --json "$OUT/bench_step.json"
@@ -103,7 +121,9 @@ if [ "$DRY" = 1 ]; then
   step bench_ops_compile 120 "$PY" benchmarks/bench_ops.py --device cpu --quick --ops euler_extrapolate \
     --providers "compile(reference),cpp" --json "$OUT/bench_ops_compile.json"
 else
-  step bench_attention 90 "$PY" benchmarks/bench_attention.py --device cuda --section attention \
+  # Every bf16 SDPA backend forward and backward (default, flash, cuDNN, efficient, ours auto) beside the 8-bit
+  # kernels: the figures that fill cdm_kernels/attention/speed_table.py (issue 24).
+  step bench_attention 180 "$PY" benchmarks/bench_attention.py --device cuda --section attention --fp8-configs \
     --out "$OUT/bench_attention.json"
   # Fused vs eager at the SD3 batch-16, Flux and video shapes (GB/s vs the copy ceilings, programs per SM);
   # then torch.compile(reference) in passes of their own, the unseeded ops first: inductor's compile time

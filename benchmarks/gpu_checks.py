@@ -63,8 +63,48 @@ def cmd_env(args) -> int:
     import cdm_kernels
 
     info["cdm_kernels_backends"] = cdm_kernels.available_backends()
+    info["cudnn_version"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    # Which SDPA kernel really ran (issue 24: torch's default picked flash, not cuDNN, on the H200): one
+    # forward+backward per backend setting at the SD3 and Flux head dims, the profiler's names of what ran.
+    shapes = [("sd3 D64", (1, 24, 4429, 64)), ("flux D128", (1, 24, 4608, 128))] if device == "cuda" else [
+        ("tiny D32", (1, 2, 77, 32))]
+    info["sdpa_kernels"] = [sdpa_kernels_that_ran(device, backend, name, shape)
+                            for name, shape in shapes for backend in ("sdpa-default", "auto")]
     _write(args.out, info)
     return 0
+
+
+_ATTENTION_WORDS = ("attn", "attention", "fmha", "flash", "cudnn", "sdpa", "scaled_dot_product")
+
+
+def sdpa_kernels_that_ran(device: str, backend: str, name: str, shape: tuple[int, ...]) -> dict:
+    """The aten SDPA ops and the device kernels (profiler names) one attention forward+backward ran under
+    cdm_kernels' `backend` choice; an error is recorded, not raised (the env step must not fail on it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cdm_kernels.attention.sdpa_backend import choose_backend, device_facts, run_attention
+
+    row = {"shape": name, "backend": backend}
+    try:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        row["choice"] = choose_backend(backend, device_facts(q.device), seq_len=shape[2]).label
+        run_attention(q, k, v, backend=backend).sum().backward()  # warm-up: lazy init out of the profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            run_attention(q, k, v, backend=backend).sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        events = list(prof.events())
+        row["aten_ops"] = sorted({e.name for e in events if e.name.startswith("aten::")
+                                  and "scaled_dot_product" in e.name})
+        row["kernels"] = sorted({e.name[:160] for e in events if e.device_type.name == "CUDA"
+                                 and any(w in e.name.lower() for w in _ATTENTION_WORDS)})
+    except Exception as exc:  # noqa: BLE001 - recorded for the log
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return row
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,6 +192,7 @@ def cmd_fp8(args) -> int:
         int8_attention_reference,
         sqnr_db,
     )
+    from cdm_kernels.attention.fp8_attention import reference_blocks
 
     device = "cpu" if args.cpu else "cuda"
     settings = [(1, 2, 130, 64)] if args.cpu else [(1, 24, 4096, 64), (1, 24, 4429, 64), (2, 8, 4096, 128)]
@@ -171,7 +212,10 @@ def cmd_fp8(args) -> int:
             try:
                 with torch.no_grad():
                     out = fp8_attention(q, k, v, path=path).float()
-                    twin = twin_fn(q, k, v)
+                    # the FP8 twin with the blocks of the kernel's stored config for this GPU (its quantisation blocks)
+                    blocks = ({} if path != "triton" else
+                              reference_blocks(d, torch.cuda.get_device_capability() if device == "cuda" else None))
+                    twin = twin_fn(q, k, v, **blocks)
                 rec.update(sqnr_vs_float64_db=sqnr_db(out, exact), twin_sqnr_vs_float64_db=sqnr_db(twin, exact),
                            sqnr_vs_twin_db=sqnr_db(out, twin))
                 rec["passed"] = rec["sqnr_vs_float64_db"] >= min_exact and rec["sqnr_vs_twin_db"] >= min_twin

@@ -151,6 +151,14 @@ def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype, k
         # (B, S, H, D) memory seen as (B, H, S, D), what the diffusers processors pass: V is read in place.
         v = torch.empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
         triton_int8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
+    elif kind == "fp8-sm90":
+        from .attention._kernels import kernel_config, kernel_configs
+
+        # sm_90's stored default launch config (128 x 128 tiles) and its TMA candidate (tensor descriptors); plan()
+        # compiles these launches for sm_90 only.
+        tma = [c for c in kernel_configs(head_dim, (9, 0)) if c.get("tma")]
+        for cfg in [kernel_config(head_dim, (9, 0)), *tma]:
+            triton_fp8_attention(q, k, v, head_dim ** -0.5, cfg, soft_round=False)
     else:
         triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
 
@@ -195,6 +203,7 @@ def attention_settings(mode: str):
         for d in ((64,) if mode == "smoke" else (64, 128)):
             for s in ((4429,) if mode == "smoke" else (4096, 4429) if quick else (4096, 4429, 333, 64, 65, 1)):
                 yield f"fp8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype)
+                yield f"fp8-attention {SM90_ONLY} D={d} S={s} {dname}", (1, 2, s, d, dtype, "fp8-sm90")
                 yield f"int8-attention D={d} S={s} {dname}", (1, 2, s, d, dtype, "int8")
 
 
@@ -218,7 +227,8 @@ def collect(mode: str) -> tuple[list[Launch], list[str]]:
     return launches, errors
 
 
-FP8_KERNELS = ("_quantize_qkv_kernel", "_fp8_attention_fwd_kernel")
+FP8_KERNELS = ("_k_colsum_kernel", "_quantize_qkv_kernel", "_fp8_attention_fwd_kernel")
+SM90_ONLY = "sm90-config"  # in a setting's name: the launch uses sm_90's stored config, compiled for sm_90 only
 FP8_MIN_ARCH = 89  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hopper); sm_80 takes the INT8-QK kernel instead
 
 _WORK: list[tuple] = []  # (arch, fn, args, kwargs, bound_args, specialization, options): read by forked workers
@@ -325,6 +335,8 @@ def plan(launches: list[Launch], archs: list[int], force_fp8: bool = False,
             fn = launch.fn
             if fn.__name__ in FP8_KERNELS and arch < FP8_MIN_ARCH and not force_fp8:
                 skipped += 1
+                continue
+            if SM90_ONLY in launch.setting and arch != 90:  # a config that never launches on other GPUs
                 continue
             kwargs = dict(launch.kwargs)
             kwargs.setdefault("debug", False)

@@ -244,6 +244,9 @@ class SassStats:
     loads: collections.Counter = field(default_factory=collections.Counter)  # width in bits -> count (LDG/LDGSTS)
     stores: collections.Counter = field(default_factory=collections.Counter)  # width -> count (STG)
     matrix: collections.Counter = field(default_factory=collections.Counter)  # HGMMA/QGMMA/HMMA/IMMA -> count
+    # asynchronous global -> shared copies: LDGSTS (cp.async) and UTMALDG (TMA); what a multi-stage software
+    # pipeline of K/V tiles compiles to
+    async_copies: collections.Counter = field(default_factory=collections.Counter)
     local_stores: int = 0
     local_loads: int = 0
     sincos_guards: int = 0  # FSETP against 105615: the branch into the Payne-Hanek slow path
@@ -287,6 +290,8 @@ def sass_stats(sass: str) -> SassStats:
         opcode, operands = m.group(2), m.group(3)
         base = opcode.split(".")[0]
         st.instructions += 1
+        if base in ("LDGSTS", "UTMALDG"):
+            st.async_copies[base] += 1
         if base in ("LDG", "LDGSTS"):
             st.loads[_width(opcode)] += 1
             st.constant_table_loads += ".CONSTANT" in opcode
@@ -325,6 +330,11 @@ def gate(label: str, arch: int, info: dict, stats: SassStats | None, aligned: bo
             fails.append(f"no 128-bit global store (widths {dict(stats.stores)})")
     if stats is not None and label == FP8_ATTENTION_KERNEL and arch >= 90 and not stats.matrix["QGMMA"]:
         fails.append(f"FP8 attention without QGMMA on sm_{arch} (matrix ops {dict(stats.matrix)})")
+    # Its K/V tiles are meant to stream through shared memory ahead of the MMAs (num_stages >= 2): without an
+    # asynchronous copy the loads sit on the critical path of every key block.
+    if stats is not None and label == FP8_ATTENTION_KERNEL and arch >= 90 and not (
+            stats.async_copies["LDGSTS"] or stats.async_copies["UTMALDG"]):
+        fails.append(f"FP8 attention on sm_{arch} without asynchronous K/V copies (no LDGSTS/UTMALDG: not pipelined)")
     if stats is not None and label == INT8_ATTENTION_KERNEL and arch < 90 and not stats.matrix["IMMA"]:
         fails.append(f"INT8 attention without IMMA on sm_{arch} (matrix ops {dict(stats.matrix)})")
     return fails

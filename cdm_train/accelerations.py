@@ -4,8 +4,9 @@
 (as torchtitan's ``parallelize.py``). The order is fixed because each step must see what the previous
 ones did, and no later step may undo an earlier one:
 
-1. **Attention**: FP8 / INT8 processors for the passes without gradient (`speed.fp8_attention_*`).
-   First, so that the compiled blocks (step 4) trace the attention that will actually run.
+1. **Attention** (attention_setup.py): the exact backend of every pass (`speed.attention_backend`: cuDNN / flash
+   / ...) and 8-bit processors for the passes without gradient (`speed.fp8_attention_*`, where they measured
+   faster). First, so that the compiled blocks (step 4) trace the attention that will actually run.
 2. **FP8 linears** (`speed.fp8_linear_teacher`): the frozen teacher's linears become torchao float8
    row-wise layers (or their PyTorch emulation, `speed.fp8_linear_emulate`). Before compile, so that the
    activation quantisation fuses into the previous op inside the compiled block (uncompiled, FP8 linears
@@ -81,20 +82,10 @@ def _unique(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def apply_attention(cfg: Config, models: Models, applied: Applied) -> None:
-    sp = cfg.speed
-    targets = [("teacher", sp.fp8_attention_teacher, models.teacher), ("fake", sp.fp8_attention_fake, models.fake),
-               ("student rollout", sp.fp8_attention_rollout, models.student)]
-    if not any(on for _, on, _ in targets):
-        applied.add("attention", "diffusers' default processors")
-        return
-    from cdm_kernels import patch_attention
+    from .attention_setup import apply_attention as install
 
-    fmt = "int8" if sp.attention_8bit == "int8" else "fp8"
-    mode = f"{fmt}_emulated_no_grad" if sp.fp8_attention_emulate else f"{fmt}_no_grad"
-    for name, on, net in targets:
-        if on:
-            patch_attention(net, mode=mode)
-            applied.add("attention", f"{name}: {mode}")
+    for line in install(cfg, models):
+        applied.add("attention", line)
 
 
 def apply_fp8_linears(cfg: Config, models: Models, applied: Applied) -> None:

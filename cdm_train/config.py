@@ -26,6 +26,10 @@ from .lora import validate_lora
 from .models import PRESETS, family_of
 from .models.base import ModelFamily
 
+# speed.attention_backend's values: cdm_kernels.attention.sdpa_backend.BACKENDS (tests hold the two equal; kept
+# literal here so that reading a config imports no torch).
+ATTENTION_BACKENDS = ("auto", "sdpa-default", "cudnn", "flash", "efficient", "math", "fa3", "te")
+
 __all__ = ["Config", "ConfigError", "make_config", "config_from_dict", "reference_mode", "to_yaml"]
 
 
@@ -114,9 +118,16 @@ class SpeedConfig:
     # The fp8_attention_* switches run the PyTorch twin of the FP8 kernel (same e4m3 roundings, any device and
     # head dim, slower than SDPA) instead of the kernel: for measuring FP8's effect on quality without a GPU.
     fp8_attention_emulate: bool = False
-    # 8-bit format of the fp8_attention_* switches: auto (FP8 on sm_89+, INT8-QK on sm_80/86; emulated: the FP8
-    # twin) | int8 (the INT8-QK kernel on any sm_80+ GPU; emulated: its twin). See docs/fp8.md.
+    # 8-bit format of the fp8_attention_* switches: auto (the 8-bit kernel the device has, FP8 on sm_89+ or
+    # INT8-QK on sm_80/86, but only where cdm_kernels' speed table measured it faster than the best bf16 attention;
+    # elsewhere bf16, logged; emulated: the FP8 twin) | fp8 (the 8-bit kernel always, e.g. for its memory saving)
+    # | int8 (the INT8-QK kernel on any sm_80+ GPU; emulated: its twin). See docs/attention.md and docs/fp8.md.
     attention_8bit: str = "auto"
+    # Exact attention of every pass that is not 8-bit (student, fake, teacher; grad and no-grad), see
+    # docs/attention.md: auto (cuDNN on sm_90 with cuDNN >= 9.15.1, flash on other GPUs, FA3 where importable;
+    # the CPU: torch's own) | sdpa-default (diffusers' default, untouched) | cudnn | flash | efficient | math |
+    # fa3 | te (optional packages).
+    attention_backend: str = "auto"
     # CUDA graphs, streams, compile (docs/graphs.md). Eager fallback on the CPU. Off by default.
     cuda_graphs_teacher: bool = False  # real teacher + fake no-grad scoring replayed as CUDA graphs (one per shape)
     overlap_teacher_calls: bool = False  # real and fake teacher at the same x_t concurrently on two streams
@@ -455,7 +466,9 @@ def validate(cfg: Config) -> None:
              "must be auto, reference, triton or cpp")
     _require(sp.rollout_graph_mode in ("capture", "compile"), "speed.rollout_graph_mode",
              "must be capture or compile")
-    _require(sp.attention_8bit in ("auto", "int8"), "speed.attention_8bit", "must be auto or int8")
+    _require(sp.attention_8bit in ("auto", "fp8", "int8"), "speed.attention_8bit", "must be auto, fp8 or int8")
+    _require(sp.attention_backend in ATTENTION_BACKENDS, "speed.attention_backend",
+             f"must be one of {', '.join(ATTENTION_BACKENDS)}")
     _require(sp.compile_backend in ("inductor", "aot_eager", "eager"), "speed.compile_backend",
              "must be inductor, aot_eager or eager")
     _require(not sp.fp8_linear_emulate or sp.fp8_linear_teacher, "speed.fp8_linear_emulate",
@@ -502,6 +515,7 @@ def reference_mode(cfg: Config, *, official_memory_plan: bool = False) -> None:
     cfg.speed.backend = "reference"
     if official_memory_plan:
         cfg.train.grad_checkpointing = "full"
+    cfg.speed.attention_backend = "sdpa-default"  # diffusers' own attention call, untouched
 
 
 def to_yaml(cfg: Config) -> str:

@@ -123,6 +123,41 @@ def test_kernel_matches_reference_twin():
 
 
 @needs_triton
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tma", [False, True])
+def test_sm90_stored_config_under_the_interpreter(d, tma):
+    """The sm_90 launch config (128 x 128 tiles, parallel K smoothing; and its TMA tensor-descriptor candidate)
+    through the interpreter: odd S, offset keys, a non-contiguous (B, S, H, D) view; the same roundings as the twin
+    with those blocks, >= 25 dB vs float64."""
+    from cdm_kernels.attention._kernels import kernel_config as sm_config
+    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+    from cdm_kernels.attention.fp8_attention import reference_blocks
+
+    cfg = sm_config(d, (9, 0))
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (128, 128, 8) and not cfg.get("tma")
+    if tma:
+        cfg = next(c for c in kernel_configs(d, (9, 0)) if c.get("tma"))
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 128)
+    assert reference_blocks(d, (9, 0)) == {"block_m": 128, "block_n": 128}
+    s = 331  # three key blocks, the last one partial
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, s, 2, d, generator=g).transpose(1, 2) for _ in range(3))  # non-contiguous views
+    with torch.no_grad():
+        out = triton_fp8_attention(q, k, v, d ** -0.5, cfg)
+        shifted = triton_fp8_attention(q, k + 8.0, v, d ** -0.5, cfg)
+    twin = fp8_attention_reference(q, k, v, **reference_blocks(d, (9, 0)))
+    assert torch.isfinite(out).all() and torch.isfinite(shifted).all()
+    if INTERPRETED:  # (offset keys: the mean's summation order differs from the twin's and flips a rounding or two)
+        assert sqnr_db(out, twin) >= 80.0
+    assert sqnr_db(out, attention_float(q, k, v, dtype=torch.float64)) >= 25.0
+    assert sqnr_db(shifted, attention_float(q, k + 8.0, v, dtype=torch.float64)) >= 25.0
+    # NaN never passes the SQNR rule these checks use
+    broken = out.clone()
+    broken[0, 0, 5, 0] = float("nan")
+    assert not sqnr_db(broken, twin) >= 25.0
+
+
+@needs_triton
 def test_no_nan_from_finite_input():
     cases = [
         torch.zeros(1, 1, 70, 64),  # all-zero blocks: the amax floor keeps scales finite
@@ -438,7 +473,9 @@ def test_gpu_kernel_matches_reference_twin():
     q, k, v = _qkv(1, 4, 1000, 64, dtype=torch.float32, device="cuda", seed=13)
     with torch.no_grad():
         out = fp8_attention(q, k, v)
-    ref = fp8_attention_reference(q, k, v, **_ref_blocks(64))
+    from cdm_kernels.attention.fp8_attention import reference_blocks
+
+    ref = fp8_attention_reference(q, k, v, **reference_blocks(64, torch.cuda.get_device_capability()))
     assert sqnr_db(out, ref) >= 40.0  # the GPU sums in another order and its fp8 MMA accumulates differently
 
 
@@ -465,10 +502,13 @@ def test_gpu_code_path_compiles_for_sm90_without_a_gpu(tmp_path):
         pytest.skip("triton without its NVIDIA backend")
     script = (
         "from cdm_kernels.attention._kernels import aot_compile\n"
-        "ptx = aot_compile(90, 64, 'bf16', even_n=False)\n"
-        "a = ptx['attention']\n"
-        "assert 'wgmma.mma_async' in a and 'e4m3' in a, 'no FP8 wgmma'\n"
-        "assert 'cvt.rn.satfinite.e4m3x2.f32' in ptx['quantize'], 'no RNE fp8 cast'\n"
+        "for d in (64, 128):\n"
+        "    ptx = aot_compile(90, d, 'bf16', even_n=False)\n"
+        "    a = ptx['attention']\n"
+        "    assert 'wgmma.mma_async' in a and 'e4m3' in a, 'no FP8 wgmma'\n"
+        "    assert a.count('cp.async.commit_group') >= 2, 'K/V tiles not pipelined (cp.async stages)'\n"
+        "    assert 'cvt.rn.satfinite.e4m3x2.f32' in ptx['quantize'], 'no RNE fp8 cast'\n"
+        "    assert 'st.global' in ptx['colsum']\n"
         "print('ok')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}

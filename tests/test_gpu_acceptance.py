@@ -22,14 +22,16 @@ def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     names = [s["step"] for s in steps if s["step"] != "install_wheels"]  # present when wheels were carried
     # The end-to-end step right after the quick checks: a tight budget cuts the tail, not the figure that matters.
-    assert names == ["env", "ops", "fp8", "graphs", "bench_step", "bench_attention", "bench_ops", "bench_ops_compile",
-                     "pytest_gpu"]
+    assert names == ["env", "bench_blocks", "ops", "fp8", "graphs", "bench_step", "bench_attention", "bench_ops",
+                     "bench_ops_compile", "pytest_gpu"]
     failed = [s for s in steps if s["rc"] != 0]
     assert not failed, [(s, (out / f"{s['step']}.log").read_text()[-2000:]) for s in failed]
     summary = json.loads((out / "summary.json").read_text())
     figures = {r.get("figure") for r in summary}
     assert {"op_check", "fp8_attention_sqnr", "cuda_graph_loss", "copy_bandwidth", "op_time", "bench_step",
-            "attention", "step"} <= figures
+            "attention", "step", "block"} <= figures
+    blocks = [r for r in summary if r.get("figure") == "block"]
+    assert {r["variant"] for r in blocks} == {"eager", "compiled"} and all(r["rel_err"] < 1e-4 for r in blocks)
     checks = [r for r in summary if r.get("figure") == "op_check"]
     assert len(checks) >= 14 and all(r["passed"] for r in checks)
     assert {r["op"] for r in checks} >= {"euler_extrapolate", "dm_loss", "cfg_loss", "flow_matching_loss seeded"}

@@ -280,10 +280,8 @@ def test_path_device_checks_by_capability():
 
 
 def test_auto_path_on_faked_gpus(monkeypatch):
-    """_resolve_path on a CUDA tensor with a faked capability (an object with shape/device/dtype stands in)."""
-    import sys
-
-    fa = sys.modules["cdm_kernels.attention.fp8_attention"]  # the package re-exports a function of that name
+    """resolve_path on a CUDA tensor with a faked capability (an object with shape/device/dtype stands in)."""
+    from cdm_kernels.attention import dispatch as fa
 
     class FakeCudaTensor:
         def __init__(self, d):
@@ -291,14 +289,14 @@ def test_auto_path_on_faked_gpus(monkeypatch):
             self.device = torch.device("cuda", 0)
             self.dtype = torch.bfloat16
 
-    monkeypatch.setattr(fa, "_interpret", lambda: False)
+    monkeypatch.setattr(fa, "interpret", lambda: False)
     monkeypatch.setattr(fa, "HAS_TRITON", True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
     for cap, d, expected in (((8, 0), 64, "int8"), ((8, 6), 128, "int8"), ((9, 0), 64, "triton"),
                              ((8, 9), 128, "triton"), ((8, 0), 32, "sdpa")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
-        assert fa._resolve_path(FakeCudaTensor(d), "auto") == expected
-        assert fa._resolve_path(FakeCudaTensor(d), "int8") == "int8"  # explicit paths pass through
+        assert fa.resolve_path(FakeCudaTensor(d), "auto") == expected
+        assert fa.resolve_path(FakeCudaTensor(d), "int8") == "int8"  # explicit paths pass through
 
 
 def test_pv_dtype():
@@ -411,7 +409,8 @@ def test_trainer_switch_selects_int8_modes(monkeypatch):
         teacher, fake, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
 
     modes = []
-    monkeypatch.setattr(cdm_kernels, "patch_attention", lambda net, mode: modes.append((net, mode)))
+    monkeypatch.setattr(cdm_kernels, "patch_attention", lambda net, mode, backend="sdpa-default": modes.append(
+        (net, mode)))
 
     def run(*overrides):
         modes.clear()

@@ -118,6 +118,16 @@ def test_cdm_train_has_no_import_circles():
     assert _cycles(graph) == []
 
 
+def test_cdm_kernels_attention_has_no_import_circles():
+    """The 8-bit attention ops, their kernels, the dispatch and the shared helpers: arrows one way (issue 24)."""
+    graph = _graph("cdm_kernels")
+    attention = {name: deps for name, deps in graph.items() if name.startswith("cdm_kernels.attention")}
+    assert "cdm_kernels.attention._common" in graph["cdm_kernels.attention._kernels"]
+    assert "cdm_kernels.attention.dispatch" in graph["cdm_kernels.attention.fp8_attention"]
+    assert not graph["cdm_kernels.attention._common"] - {"cdm_kernels.attention"}  # the leaf imports nothing
+    assert _cycles(attention) == []
+
+
 def test_cdm_kernels_never_imports_cdm_train():
     for path in (ROOT / "cdm_kernels").rglob("*.py"):
         assert not _imports(path, "cdm_train"), path

@@ -55,7 +55,11 @@ def test_gates_on_access_width_and_matrix_instructions():
     fp8 = mc.FP8_ATTENTION_KERNEL
     assert any("without QGMMA" in f for f in mc.gate(fp8, 90, INFO, st, True))
     wgmma = mc.sass_stats(SNIPPET + "\n/*3000*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ;")
-    assert wgmma.matrix["QGMMA"] == 1 and mc.gate(fp8, 90, INFO, wgmma, True) == []
+    assert wgmma.matrix["QGMMA"] == 1
+    assert any("without asynchronous K/V copies" in f for f in mc.gate(fp8, 90, INFO, wgmma, True))  # not pipelined
+    piped = mc.sass_stats(SNIPPET + "\n/*3000*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ;"
+                          "\n/*3010*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR6][R2.64] ;")
+    assert piped.async_copies["LDGSTS"] == 1 and piped.loads[128] == 3 and mc.gate(fp8, 90, INFO, piped, True) == []
     assert mc.gate(fp8, 89, INFO, st, True) == []  # no wgmma before Hopper: not asked for there
     int8 = mc.INT8_ATTENTION_KERNEL
     assert any("without IMMA" in f for f in mc.gate(int8, 80, INFO, st, True))

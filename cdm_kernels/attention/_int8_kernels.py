@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_attention import _output_like, config_override
+from ._common import config_override
+from ._common import output_like as _output_like
 from .int8_reference import pv_dtype
 from .reference import LOG2E
 

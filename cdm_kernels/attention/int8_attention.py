@@ -14,8 +14,15 @@ import math
 
 import torch
 
-SUPPORTED_INT8_HEAD_DIMS = (64, 128)
-INT8_MIN_CAPABILITY = (8, 0)  # int8 mma.sync m16n8k32 (IMMA): Ampere and newer
+from ._common import (  # noqa: F401  (re-exported: their old home)
+    INT8_MIN_CAPABILITY,
+    SUPPORTED_INT8_HEAD_DIMS,
+    check_inputs,
+    check_int8_head_dim,
+    check_int8_path_device,
+    output_like,
+    require_no_grad,
+)
 
 
 def native_int8_available(device: torch.device, capability: tuple[int, int] | None = None) -> bool:
@@ -24,25 +31,6 @@ def native_int8_available(device: torch.device, capability: tuple[int, int] | No
         return False
     cap = tuple(capability) if capability is not None else torch.cuda.get_device_capability(device)
     return cap >= INT8_MIN_CAPABILITY
-
-
-def check_int8_path_device(device: torch.device, capability: tuple[int, int] | None = None) -> None:
-    """path="int8" on a GPU older than Ampere: say which path to use instead of a compiler error."""
-    from .fp8_attention import _interpret
-
-    if device.type != "cuda" or _interpret():
-        return
-    cap = tuple(capability) if capability is not None else torch.cuda.get_device_capability(device)
-    if cap < INT8_MIN_CAPABILITY:
-        raise ValueError(
-            f"path='int8': the INT8-QK attention kernel needs Ampere or newer (sm_80+), but {device} is "
-            f"sm_{cap[0]}{cap[1]}. Use path='auto' (it takes SDPA in the input dtype there) or path='sdpa'.")
-
-
-def check_int8_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_INT8_HEAD_DIMS:
-        raise ValueError(f"q: head dim {head_dim} not supported by the INT8-QK attention kernel "
-                         f"{SUPPORTED_INT8_HEAD_DIMS}")
 
 
 @torch.library.custom_op("cdm_kernels::int8_attention", mutates_args=())
@@ -54,9 +42,7 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softma
 
 @_int8_attention_op.register_fake
 def _(q, k, v, softmax_scale):
-    from .fp8_attention import _output_like
-
-    return _output_like(q)
+    return output_like(q)
 
 
 def int8_attention(
@@ -73,10 +59,8 @@ def int8_attention(
     ``fp8_attention``. ``softmax_scale`` defaults to ``1 / sqrt(D)``. Forward-only. Needs a CUDA GPU
     of sm_80 or newer, or CPU tensors under TRITON_INTERPRET=1.
     """
-    from .fp8_attention import _check, _require_no_grad
-
-    _require_no_grad(q, k, v, "int8_attention")
-    _check(q, k, v, "int8")
+    require_no_grad(q, k, v, "int8_attention")
+    check_inputs(q, k, v, "int8")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return _int8_attention_op(q, k, v, float(softmax_scale))

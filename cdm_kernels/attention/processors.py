@@ -3,7 +3,8 @@
 ``patch_attention(model, mode)`` swaps our processors in for diffusers' stock ones:
 
 - SD3 / SD3.5 (``JointAttnProcessor2_0`` on ``Attention`` modules, joint and dual attention),
-- Flux (``FluxAttnProcessor`` on ``FluxAttention`` modules).
+- Flux (``FluxAttnProcessor`` on ``FluxAttention`` modules),
+- LongCat-Image (``LongCatImageAttnProcessor``: Flux's code with its own projections helper).
 
 Each of ours repeats the stock processor's code line for line and differs only in the
 attention call: in mode "fp8_no_grad" it calls ``fp8_attention`` when no gradient can flow
@@ -17,6 +18,12 @@ same with the INT8-QK kernel (``fp8_attention(path="int8")``, head dims 64/128, 
 twin (``int8_attention_reference``). ("fp8_no_grad" already takes the INT8-QK kernel on A100-class GPUs,
 through path="auto".) Processors of other types are left in place and reported.
 ``unpatch_attention(model)`` restores the original processor objects.
+
+``backend`` (see ``sdpa_backend.py``) picks the exact attention every pass that does not take the 8-bit kernel
+runs (grad and no-grad): "sdpa-default" (the default) is the stock call unchanged; "auto" states an SDPA kernel
+priority per device (cuDNN on sm_90 with cuDNN >= 9.15.1, flash elsewhere, FA3 where importable); "cudnn",
+"flash", "efficient", "math", "fa3", "te" by name. Mode "bf16" with a backend other than "sdpa-default" is the
+way to get the fast exact attention without any 8-bit pass.
 
 Plain Python processors, so torch.compile traces through them (``fp8_attention`` is one
 opaque custom op to the compiler).
@@ -33,6 +40,7 @@ from .fp8_attention import SUPPORTED_HEAD_DIMS, fp8_attention
 from .int8_attention import SUPPORTED_INT8_HEAD_DIMS
 from .int8_reference import int8_attention_reference
 from .reference import fp8_attention_reference
+from .sdpa_backend import check_backend, choose_backend, device_facts, run_attention, sdpa_context
 
 log = logging.getLogger("cdm_kernels")
 
@@ -54,14 +62,26 @@ def _stock_classes() -> dict[str, type]:
         classes["flux"] = FluxAttnProcessor
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from diffusers.models.transformers.transformer_longcat_image import LongCatImageAttnProcessor
+
+        classes["longcat"] = LongCatImageAttnProcessor
+    except ImportError:  # pragma: no cover - diffusers before 0.36
+        pass
     return classes
 
 
 class _FP8ProcessorBase:
-    def __init__(self, mode: str = "fp8_no_grad"):
+    def __init__(self, mode: str = "fp8_no_grad", backend: str = "sdpa-default"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_backend(backend)
         self.mode = mode
+        self.backend = backend
+
+    def _choice(self, query: torch.Tensor, seq_len: int, attention_mask=None):
+        return choose_backend(self.backend, device_facts(query.device), seq_len=seq_len,
+                              has_mask=attention_mask is not None)
 
     def _use_fp8(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> bool:
         if self.mode == "bf16" or attention_mask is not None:
@@ -82,7 +102,7 @@ class _FP8ProcessorBase:
         return fp8_attention(q, k, v)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode!r})"
+        return f"{type(self).__name__}(mode={self.mode!r}, backend={self.backend!r})"
 
 
 class CDMJointAttnProcessor(_FP8ProcessorBase):
@@ -143,8 +163,10 @@ class CDMJointAttnProcessor(_FP8ProcessorBase):
 
         if self._use_fp8(query, key, value):
             hidden_states = self._fp8(query, key, value)
-        else:
+        elif self.backend == "sdpa-default":
             hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        else:
+            hidden_states = run_attention(query, key, value, backend=self.backend)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -170,8 +192,8 @@ class CDMFluxAttnProcessor(_FP8ProcessorBase):
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, mode: str = "fp8_no_grad"):
-        super().__init__(mode)
+    def __init__(self, mode: str = "fp8_no_grad", backend: str = "sdpa-default"):
+        super().__init__(mode, backend)
         # Imported here, not per call: keeps `import cdm_kernels` free of diffusers and the traced code simple.
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
@@ -221,14 +243,7 @@ class CDMFluxAttnProcessor(_FP8ProcessorBase):
             hidden_states = self._fp8(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
             hidden_states = hidden_states.transpose(1, 2)
         else:
-            hidden_states = self._dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
+            hidden_states = self._exact(query, key, value, attention_mask)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -244,17 +259,47 @@ class CDMFluxAttnProcessor(_FP8ProcessorBase):
         return hidden_states
 
 
-_OURS = (CDMJointAttnProcessor, CDMFluxAttnProcessor)
+    def _exact(self, query, key, value, attention_mask):
+        """The stock dispatch call, under our backend choice when diffusers' own backend is its default."""
+        if self.backend == "sdpa-default" or self._attention_backend is not None or self._parallel_config is not None:
+            return self._dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                               backend=self._attention_backend, parallel_config=self._parallel_config)
+        choice = self._choice(query, key.shape[1], attention_mask)
+        if choice.kind in ("fa3", "te"):  # (B, S, H, D) in and out, like the dispatch
+            return run_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                 backend=self.backend).transpose(1, 2)
+        with sdpa_context(choice):
+            return self._dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                               backend=self._attention_backend, parallel_config=self._parallel_config)
 
 
-def _make_processor(original, mode: str):
+class CDMLongCatAttnProcessor(CDMFluxAttnProcessor):
+    """LongCat-Image's ``LongCatImageAttnProcessor``: Flux's processor code with LongCat's projections helper
+    (``unflatten(-1, (heads, -1))`` there and ``(-1, head_dim)`` here split the same; the ``.contiguous()`` before
+    the output projections changes no value)."""
+
+    def __init__(self, mode: str = "fp8_no_grad", backend: str = "sdpa-default"):
+        super().__init__(mode, backend)
+        from diffusers.models.transformers.transformer_longcat_image import _get_qkv_projections, apply_rotary_emb
+
+        self._apply_rotary_emb = apply_rotary_emb
+        self._get_qkv_projections = _get_qkv_projections
+
+
+_OURS = (CDMJointAttnProcessor, CDMFluxAttnProcessor)  # the LongCat one is a Flux subclass
+
+
+def _make_processor(original, mode: str, backend: str = "sdpa-default"):
     """Our processor replacing `original`, or None when we have none for its type."""
     stock = _stock_classes()
     # Exact type match: a subclass (IP-Adapter, PAG, fused QKV, ...) does more than we repeat.
     if "sd3" in stock and type(original) is stock["sd3"]:
-        return CDMJointAttnProcessor(mode)
-    if "flux" in stock and type(original) is stock["flux"]:
-        proc = CDMFluxAttnProcessor(mode)
+        return CDMJointAttnProcessor(mode, backend)
+    flux_like = {"flux": CDMFluxAttnProcessor, "longcat": CDMLongCatAttnProcessor}
+    for family, ours in flux_like.items():
+        if family not in stock or type(original) is not stock[family]:
+            continue
+        proc = ours(mode, backend)
         proc._attention_backend = getattr(original, "_attention_backend", None)
         proc._parallel_config = getattr(original, "_parallel_config", None)
         return proc
@@ -267,29 +312,33 @@ def _attention_modules(model: torch.nn.Module):
             yield name, module
 
 
-def patch_attention(model: torch.nn.Module, mode: str = "fp8_no_grad") -> dict[str, list[str]]:
-    """Install our attention processors on every SD3/Flux attention module of `model`.
+def patch_attention(model: torch.nn.Module, mode: str = "fp8_no_grad",
+                    backend: str = "sdpa-default") -> dict[str, list[str]]:
+    """Install our attention processors on every SD3/Flux/LongCat attention module of `model`.
 
     mode "fp8_no_grad": FP8 attention whenever no gradient flows through the attention, SDPA
     otherwise; "fp8_emulated_no_grad": the same with the kernel's PyTorch twin (any device and head
     dim; for quality studies); "int8_no_grad" / "int8_emulated_no_grad": the same with the INT8-QK
-    kernel / its twin; "bf16": always the stock SDPA call (bit-identical to diffusers). Patching an
-    already patched model only changes the mode. Works on any nn.Module containing diffusers
+    kernel / its twin; "bf16": never 8-bit. ``backend``: the exact attention of every other pass
+    (``sdpa_backend.BACKENDS``; "sdpa-default", the default, is the stock call, bit-identical to diffusers).
+    Patching an already patched model only changes the mode and backend. Works on any nn.Module containing diffusers
     attention modules (a bare transformer or a wrapper around one).
 
     Returns {"patched": [module names], "skipped": ["name (ProcessorClass)", ...]}.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_backend(backend)
     originals: dict[str, object] = getattr(model, _ORIGINALS_ATTR, None) or {}
     patched, skipped = [], []
     for name, module in _attention_modules(model):
         current = module.processor
         if isinstance(current, _OURS):
             current.mode = mode
+            current.backend = backend
             patched.append(name)
             continue
-        ours = _make_processor(current, mode)
+        ours = _make_processor(current, mode, backend)
         if ours is None:
             skipped.append(f"{name} ({type(current).__name__})")
             continue
@@ -298,8 +347,8 @@ def patch_attention(model: torch.nn.Module, mode: str = "fp8_no_grad") -> dict[s
         patched.append(name)
     # A plain attribute (not a submodule or buffer): invisible to state_dict and to .to().
     object.__setattr__(model, _ORIGINALS_ATTR, originals)
-    log.info("cdm_kernels.patch_attention(mode=%s): %d attention modules patched, %d left as they were%s",
-             mode, len(patched), len(skipped), f": {', '.join(skipped)}" if skipped else "")
+    log.info("cdm_kernels.patch_attention(mode=%s, backend=%s): %d attention modules patched, %d left as they were%s",
+             mode, backend, len(patched), len(skipped), f": {', '.join(skipped)}" if skipped else "")
     return {"patched": patched, "skipped": skipped}
 
 
@@ -323,4 +372,4 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 
 __all__ = ["patch_attention", "unpatch_attention", "is_patched", "CDMJointAttnProcessor", "CDMFluxAttnProcessor",
-           "MODES"]
+           "CDMLongCatAttnProcessor", "MODES"]
