@@ -299,3 +299,12 @@ def test_fp8_linear_emulation_converts_the_planned_layers_only(tmp_path):
     assert not torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="speed.fp8_linear_emulate"):
         make_config("tiny", overrides=["speed.fp8_linear_emulate=true"])
+
+
+def test_selective_checkpointing_under_bf16_autocast_matches_no_checkpointing(tmp_path):
+    """Several student forwards in one autocast region (CA/DM, then CDM): autocast's weight-cast cache would let
+    the forward skip casts that the selective recomputation replays, and backward would fail. Same losses too."""
+    run = ["train.precision=bf16", "optim.update_ratio=1", "schedule.max_steps=3"]
+    plain = _losses(Trainer(tiny_config(tmp_path / "n", *run)), 2)
+    selective = _losses(Trainer(tiny_config(tmp_path / "s", *run, "train.grad_checkpointing=selective")), 2)
+    _assert_losses_close(selective, plain, rtol=1e-6)
