@@ -96,8 +96,14 @@ def test_missing_null_embeddings_exit_2_naming_the_key(tmp_path, capsys):
     bad = _embeds_file(tmp_path / "no_null.pt", with_null=False)
     with pytest.raises(ConfigError, match="null_encoder_hidden_states"):
         _load_prompt_embeds(str(bad), torch.device("cpu"))
+    # A real (tiny) diffusers directory: model.path is checked up front, so it must pass for the embeddings'
+    # own error to be the one reported.
+    from diffusers import SD3Transformer2DModel
+
+    from cdm_train.models.sd3 import TINY_ARCH
+
     model = tmp_path / "model"
-    (model / "transformer").mkdir(parents=True)
+    SD3Transformer2DModel(**TINY_ARCH).save_pretrained(model / "transformer")
     code = main(["train", "--preset", "sd3-medium", "--set", f"model.path={model}", "--set",
                  f"model.prompt_embeds={bad}", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
