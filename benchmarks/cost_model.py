@@ -67,6 +67,11 @@ PHASES = ("rollout", "fake_step", "student_step")
 GiB = 1024**3
 
 
+# Published H100 cuDNN bf16 attention forward (DESIGN facts, issue 24's anchors: 408 at D=64, 609-631 at D=128):
+# what speed.attention_backend=auto should reach on sm_90; not measured here yet.
+CUDNN_PUBLISHED_TFLOPS = {"sd3": 408.0, "flux": 620.0}
+
+
 def attention_tflops(model: str) -> float:
     b, h, s, d, ms = ATTENTION_MEASURED[model]
     return 4 * b * h * s * s * d / (ms * 1e-3) / 1e12
@@ -447,6 +452,8 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
     family = preset.split("-")[0] if preset.startswith(("flux", "longcat")) else "sd3"
     # Compile and FP8 linears are modelled (ModelledSwitches), not run: dynamo cannot trace fake tensors under
     # a dispatch mode, and torchao does nothing on a CPU "device".
+    if cfg.train.grad_checkpointing == "auto":  # what auto picks on the fake tensors' CPU "device"
+        cfg.train.grad_checkpointing = "none"
     compiled = CompiledBlocks.load(family, cfg.train.grad_checkpointing) if cfg.speed.compile_blocks else None
     fp8_linears = cfg.speed.fp8_linear_teacher
     cfg.speed.compile_blocks = cfg.speed.fp8_linear_teacher = False
@@ -642,6 +649,7 @@ def main(argv=None) -> int:
                    "LongCat-Image, 1024 px, official batch): reference vs fast per plan, predicted ms and peak GiB, "
                    "which plan fits an 80 GB H100 and a 141 GB H200")
     p.add_argument("--plan-models", default=",".join(PLAN_MODELS), help="with --plans: which presets")
+    p.add_argument("--plans-from", metavar="JSON", help="print the plan tables of an earlier --plans --json file")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("reference", "fast") for m in modes):
@@ -652,6 +660,10 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"cost_model: --steps {args.steps!r}: use A-B or a comma list", file=sys.stderr)
         return 2
+    if args.plans_from:
+        for item in json.loads(Path(args.plans_from).read_text()):
+            print("\n".join(["", *plan_lines(item["preset"], item["batch"], item["rows"], item["steps"])]))
+        return 0
     if args.plans:
         out = []
         its = parse_steps(args.full_depth_steps)
@@ -719,7 +731,7 @@ PLAN_MODELS = {  # preset: official per-GPU batch (byliutao/cdm config/config.py
     "sd3-medium-shape": 16, "flux-shape": 16, "longcat-shape": 8}
 PLANS = [  # (row name, mode, extra overrides)
     ("reference (official: full checkpointing, eager)", "reference", []),
-    ("fast, eager, no checkpointing (today's default)", "fast", []),
+    ("fast, eager, no checkpointing", "fast", ["train.grad_checkpointing=none"]),
     ("fast, eager, full checkpointing", "fast", ["train.grad_checkpointing=full"]),
     ("fast + compiled blocks, no checkpointing", "fast", ["speed.compile_blocks=true"]),
     ("fast + compiled blocks, selective checkpointing", "fast",
@@ -747,35 +759,62 @@ def plan_rows(preset: str, batch: int, steps: list[int], resolution: int = 1024,
     return rows
 
 
+def model_state_gib(s: dict) -> float:
+    """Networks, EMA, AdamW states and one network's gradients: the build's live tensors (student, fake, teacher,
+    EMA) plus what the first optimizer steps allocate, 8 B (AdamW's two fp32 states) for every trainable parameter
+    of student and fake and 4 B (fp32 gradients) for the student's (the fake's are freed before the student step,
+    where the peak is). Full networks: the fake has the student's parameter count."""
+    return s["build_gib"] + (8 * 2 + 4) * s["student_params"] / GiB
+
+
 def fsdp_gib(s: dict, world: int = 8) -> float:
-    """Per-GPU peak with FSDP2 over `world` GPUs: the model state (networks, EMA, AdamW: what is live after the
-    build) sharded, the activations (the rest of the peak) not, plus one unsharded block's worth of parameters
-    per network in flight (ignored here: under 2% of the model state for 24+ blocks)."""
-    return s["build_gib"] / world + (s["peak_gib"] - s["build_gib"])
+    """Per-GPU peak with FSDP2 over `world` GPUs at the same per-GPU batch: the model state sharded, the
+    activations (the rest of the one-GPU peak) not. One unsharded block's parameters in flight per network are
+    left out (under 2% of the model state for 24+ blocks)."""
+    state = model_state_gib(s)
+    return state / world + max(0.0, s["peak_gib"] - state)
+
+
+def _fits(gib: float, gpu: str) -> str:
+    usable = GPU_GIB[gpu]
+    return "no" if gib > usable else "tight" if gib > 0.9 * usable else "yes"
 
 
 def plan_lines(preset: str, batch: int, rows: list[dict], steps: list[int]) -> list[str]:
     ref = rows[0]["predicted_median_ms"]
     gpus = list(GPU_GIB)
-    lines = [f"#### {preset} at full depth, 1024 px, batch {batch} per GPU (official), iterations "
-             f"{steps[0]}-{steps[-1]}", "",
-             "| plan | predicted ms / it | vs reference | peak GiB, 1 GPU (model state + activations) | "
-             + " | ".join(f"fits one {g}" for g in gpus) + " | per GPU with FSDP2 x 8 | "
-             + " | ".join(f"FSDP2 x 8 fits {g}" for g in gpus) + " |",
-             "|---|---|---|---|" + "---|" * len(gpus) + "---|" + "---|" * len(gpus)]
+    lines = [f"#### {preset} at full depth, 1024 px, batch {batch} per GPU (official), iteration"
+             f"{'s' if len(steps) > 1 else ''} {steps[0]}{'-' + str(steps[-1]) if len(steps) > 1 else ''}", "",
+             "| plan | predicted ms / it | vs reference | attention / elementwise / matmul ms | peak GiB, one GPU "
+             "(model state + activations) | " + " | ".join(f"one {g}" for g in gpus)
+             + " | per GPU, FSDP2 x 8 | " + " | ".join(f"FSDP2 x 8, {g}" for g in gpus) + " |",
+             "|---|---|---|---|---|" + "---|" * len(gpus) + "---|" + "---|" * len(gpus)]
     for s in rows:
-        peak, fs = s["peak_gib"], fsdp_gib(s)
+        peak, fs, state = s["peak_gib"], fsdp_gib(s), model_state_gib(s)
+        k = s["ms_by_kind"]
+        ew = sum(v for name, v in k.items() if name.startswith("elementwise"))
+        mm = sum(v for name, v in k.items() if name.startswith("matmul"))
         lines.append(f"| {s['plan']} | {s['predicted_median_ms']:.0f} | {ref / s['predicted_median_ms']:.2f}x | "
-                     f"{peak:.0f} ({s['build_gib']:.0f} + {peak - s['build_gib']:.0f}) | "
-                     + " | ".join("yes" if peak <= GPU_GIB[g] else "no" for g in gpus)
-                     + f" | {fs:.0f} | " + " | ".join("yes" if fs <= GPU_GIB[g] else "no" for g in gpus) + " |")
-    fits = {g: [s for s in rows[1:] if fsdp_gib(s) <= GPU_GIB[g]] for g in gpus}
+                     f"{k.get('attention', 0):.0f} / {ew:.0f} / {mm:.0f} | "
+                     f"{peak:.0f} ({state:.0f} + {max(0.0, peak - state):.0f}) | "
+                     + " | ".join(_fits(peak, g) for g in gpus)
+                     + f" | {fs:.0f} | " + " | ".join(_fits(fs, g) for g in gpus) + " |")
     lines.append("")
+    model = "flux" if preset.startswith(("flux", "longcat")) else "sd3"
+    scale = attention_tflops(model) / CUDNN_PUBLISHED_TFLOPS[model]
     for g in gpus:
-        best = min(fits[g], key=lambda s: s["predicted_median_ms"], default=None)
-        lines.append(f"- {g}, FSDP2 x 8: fastest plan that fits: "
-                     + (f"**{best['plan']}**, {ref / best['predicted_median_ms']:.2f}x the reference"
-                        if best else "none") + ".")
+        fits = [s for s in rows[1:] if fsdp_gib(s) <= GPU_GIB[g]]
+        best = min(fits, key=lambda s: s["predicted_median_ms"], default=None)
+        if best is None:
+            lines.append(f"- {g}, FSDP2 x 8: no plan fits.")
+            continue
+        # what-if: the attention of that plan at cuDNN's published speed (the reference keeps its SDPA)
+        att = best["ms_by_kind"].get("attention", 0.0)
+        with_cudnn = best["predicted_median_ms"] - att * (1 - scale)
+        lines.append(f"- {g}, FSDP2 x 8: fastest plan that fits: **{best['plan']}**, "
+                     f"{ref / best['predicted_median_ms']:.2f}x the reference; with its attention at cuDNN's published "
+                     f"speed ({CUDNN_PUBLISHED_TFLOPS[model]:.0f} vs {attention_tflops(model):.0f} TFLOP/s, "
+                     f"speed.attention_backend=auto on sm_90, unmeasured): {ref / with_cudnn:.2f}x.")
     return lines
 
 

@@ -11,8 +11,8 @@ ones did, and no later step may undo an earlier one:
    row-wise layers (or their PyTorch emulation, `speed.fp8_linear_emulate`). Before compile, so that the
    activation quantisation fuses into the previous op inside the compiled block (uncompiled, FP8 linears
    are slower than bf16).
-3. **Activation checkpointing** (`train.grad_checkpointing`: none | full | selective) of the student's
-   and fake teacher's blocks, installed inside each block (cdm_kernels.graphs.checkpointing), so that
+3. **Activation checkpointing** (`train.grad_checkpointing`: auto | none | full | selective; auto: the fastest
+   plan that fits the GPU, memory_plan.py) of the student's and fake teacher's blocks, installed inside each block (cdm_kernels.graphs.checkpointing), so that
 4. **Regional compile** (`speed.compile_blocks`) of every network's transformer blocks traces the
    checkpoint too and plans the recomputation (torchtitan: checkpointing, then compile, then sharding).
 5. **DDP / FSDP2** (`train.parallel`): wraps or shards the networks whose blocks are now final.
@@ -56,6 +56,7 @@ class Applied:
     """What apply_accelerations did, step by step (for the log and for tests)."""
 
     steps: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in ORDER})
+    checkpointing: str = "none"  # the activation-checkpointing policy in force (train.grad_checkpointing=auto resolved)
 
     def add(self, step: str, line: str) -> None:
         self.steps[step].append(line)
@@ -101,8 +102,19 @@ def apply_fp8_linears(cfg: Config, models: Models, applied: Applied) -> None:
     applied.add("fp8 linears", f"teacher: {report.summary()}")
 
 
-def apply_checkpointing(cfg: Config, models: Models, applied: Applied) -> None:
+def apply_checkpointing(cfg: Config, models: Models, applied: Applied, *, ema: EMA | None = None,
+                        parallel: Parallel | None = None, device: torch.device | None = None) -> None:
     policy = cfg.train.grad_checkpointing
+    if policy == "auto":
+        from .memory_plan import choose_plan
+
+        world = parallel.world_size if parallel is not None and parallel.enabled else 1
+        sharded = parallel is not None and parallel.mode == "fsdp"
+        choice = choose_plan(models, ema, device or torch.device("cpu"), cfg.train.batch_size, world=world,
+                             sharded=sharded)
+        policy = choice.plan
+        applied.add("checkpointing", f"auto -> {policy} ({choice.reason})")
+    applied.checkpointing = policy
     if policy == "none":
         return
     for name, net in (("student", models.student), ("fake", models.fake)):
@@ -145,7 +157,7 @@ def apply_accelerations(cfg: Config, models: Models, ema: EMA | None, parallel: 
     applied = Applied()
     apply_attention(cfg, models, applied)
     apply_fp8_linears(cfg, models, applied)
-    apply_checkpointing(cfg, models, applied)
+    apply_checkpointing(cfg, models, applied, ema=ema, parallel=parallel, device=device)
     apply_compile(cfg, models, ema, applied)
     if parallel.enabled:
         parallel.wrap(cfg, models, ema, device)

@@ -163,10 +163,11 @@ class TrainConfig:
     wandb_project: str = "cdm-kernels"
     wandb_entity: str | None = None  # your W&B team or user (None: the default of your login)
     parallel: str = "none"  # none | ddp | fsdp (multi-process under torchrun; see docs/distributed.md)
-    # Activation checkpointing of the student's and fake teacher's blocks: none | full (recompute each block in
-    # backward; the official setting) | selective (keep matmul and attention outputs, recompute the elementwise
-    # ops). true / false are read as full / none.
-    grad_checkpointing: str = "none"
+    # Activation checkpointing of the student's and fake teacher's blocks: auto (the fastest plan whose estimated
+    # peak fits the GPU: none, else selective, else full; none on a CPU; memory_plan.py) | none | full (recompute
+    # each block in backward; the official setting) | selective (keep matmul and attention outputs, recompute the
+    # elementwise ops). true / false are read as full / none.
+    grad_checkpointing: str = "auto"
     # epoch: prompts without replacement, as the official DistributedKRepeatSampler (k = 1): a permutation of the
     #   prompt rows (reshuffled with seed + e) is walked in global-batch slices of world x batch rows; each slice is
     #   shuffled (seed + step) and split across ranks. A function of (seed, step, rank, world): resumes exactly.
@@ -473,8 +474,8 @@ def validate(cfg: Config) -> None:
              "must be inductor, aot_eager or eager")
     _require(not sp.fp8_linear_emulate or sp.fp8_linear_teacher, "speed.fp8_linear_emulate",
              "emulates speed.fp8_linear_teacher; set that too")
-    _require(t.grad_checkpointing in ("none", "full", "selective"), "train.grad_checkpointing",
-             "must be none, full or selective")
+    _require(t.grad_checkpointing in ("auto", "none", "full", "selective"), "train.grad_checkpointing",
+             "must be auto, none, full or selective")
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")

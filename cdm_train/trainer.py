@@ -85,7 +85,7 @@ class Trainer:
         # Selective checkpointing replays the block's ops in backward and matches them one by one against the
         # forward's; autocast's weight-cast cache would make the forward skip casts (cached by an earlier call in
         # the same region) that the recomputation, in a fresh autocast region, must redo: off for that policy.
-        cache = self.cfg.train.grad_checkpointing != "selective"
+        cache = self.accelerations.checkpointing != "selective"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
     @property

@@ -308,3 +308,32 @@ def test_selective_checkpointing_under_bf16_autocast_matches_no_checkpointing(tm
     plain = _losses(Trainer(tiny_config(tmp_path / "n", *run)), 2)
     selective = _losses(Trainer(tiny_config(tmp_path / "s", *run, "train.grad_checkpointing=selective")), 2)
     _assert_losses_close(selective, plain, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- memory plan
+def test_auto_checkpointing_picks_the_fastest_plan_that_fits(tmp_path):
+    from cdm_train.memory_plan import ACTIVATION_BYTES, activation_shape, choose_plan, model_state_bytes
+
+    tr = Trainer(tiny_config(tmp_path))  # the default (auto) on a CPU: no checkpointing
+    assert tr.cfg.train.grad_checkpointing == "auto" and tr.accelerations.checkpointing == "none"
+    m, batch = tr.models, 4
+    blocks, tokens, width = activation_shape(m, batch)
+    assert (blocks, width) == (2, 16) and tokens == 16 + 6  # 8x8 latent in 2x2 patches + the tiny text tokens
+    state = model_state_bytes(m, tr.ema)
+    params = sum(p.numel() * 4 for net in (m.student, m.fake, m.teacher, tr.ema.module) for p in net.parameters())
+    trainable = sum(p.numel() for p in m.student.parameters())
+    assert state == params + 8 * 2 * trainable + 4 * trainable
+    act = {plan: batch * blocks * tokens * width * k for plan, k in ACTIVATION_BYTES.items()}
+    gpu = torch.device("cuda", 0)
+
+    def pick(total):
+        return choose_plan(m, tr.ema, gpu, batch, total_bytes=int(total)).plan
+
+    # a device just big enough (with the 10% headroom) for each plan gets that plan
+    assert pick((state + act["none"]) / 0.9 + 1) == "none"
+    assert pick((state + act["selective"]) / 0.9 + 1) == "selective"
+    assert pick((state + act["full"]) / 0.9 + 1) == "full"
+    assert pick(state / 2) == "full"  # nothing fits: the official plan, with a warning
+    # FSDP2 shards the model state
+    sharded = choose_plan(m, tr.ema, gpu, batch, world=8, sharded=True, total_bytes=int((state + act["none"]) / 0.9))
+    assert sharded.plan == "none" and sharded.estimates_gib["none"] < (state + act["none"]) / 2**30

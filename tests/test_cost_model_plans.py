@@ -77,17 +77,20 @@ def test_official_plan_recomputes_and_uses_less_memory():
 
 
 def test_plan_lines_pick_the_fastest_plan_that_fits():
-    def row(name, ms, peak, build):
-        return {"plan": name, "predicted_median_ms": ms, "peak_gib": peak, "build_gib": build}
+    gib = cm.GiB
 
-    rows = [row("reference", 1000, 70, 60), row("fast big", 400, 400, 60), row("fast small", 500, 100, 60),
-            row("fast tiny", 600, 70, 60)]
-    lines = cm.plan_lines("sd3-medium-shape", 16, rows, [3])
-    text = "\n".join(lines)
-    # FSDP2 x 8: 60/8 + activations -> big 347.5 (fits neither), small 47.5 (fits both), tiny 17.5
+    def row(name, ms, peak):  # model state: 10 GiB built + 20 B x 1 GiB-worth of parameters = 30 GiB
+        return {"plan": name, "predicted_median_ms": ms, "peak_gib": peak, "build_gib": 10.0,
+                "student_params": gib, "ms_by_kind": {"attention": 1.0, "matmul": 2.0, "elementwise / x": 3.0}}
+
+    assert cm.model_state_gib(row("x", 1, 1)) == pytest.approx(30.0)
+    rows = [row("reference", 1000, 70), row("fast big", 400, 400), row("fast small", 500, 100),
+            row("fast tiny", 600, 40)]
+    text = "\n".join(cm.plan_lines("sd3-medium-shape", 16, rows, [3]))
+    # FSDP2 x 8: 30 / 8 + activations -> big 373.75 (fits neither), small 73.75 (H100 tight, H200 yes), tiny 13.75
     assert "H100 80GB, FSDP2 x 8: fastest plan that fits: **fast small**, 2.00x" in text
-    assert "H200 141GB, FSDP2 x 8: fastest plan that fits: **fast small**" in text
-    assert "| fast big | 400 | 2.50x | 400 (60 + 340) | no | no | 348 | no | no |" in text
+    assert "| fast big | 400 | 2.50x | 1 / 3 / 2 | 400 (30 + 370) | no | no | 374 | no | no |" in text
+    assert "| fast small | 500 | 2.00x | 1 / 3 / 2 | 100 (30 + 70) | no | yes | 74 | tight | yes |" in text
 
 
 def test_compiled_block_traffic_table_is_complete():
