@@ -12,7 +12,8 @@ ones did, and no later step may undo an earlier one:
    activation quantisation fuses into the previous op inside the compiled block (uncompiled, FP8 linears
    are slower than bf16).
 3. **Activation checkpointing** (`train.grad_checkpointing`: auto | none | full | selective; auto: the fastest
-   plan that fits the GPU, memory_plan.py) of the student's and fake teacher's blocks, installed inside each block (cdm_kernels.graphs.checkpointing), so that
+   plan that fits the GPU, memory_plan.py) of the student's and fake teacher's blocks, installed inside each
+   block (cdm_kernels.graphs.checkpointing), so that
 4. **Regional compile** (`speed.compile_blocks`) of every network's transformer blocks traces the
    checkpoint too and plans the recomputation (torchtitan: checkpointing, then compile, then sharding).
 5. **DDP / FSDP2** (`train.parallel`): wraps or shards the networks whose blocks are now final.
