@@ -55,7 +55,7 @@ compile-check: $(STAMP) $(TRITON_SIDE_DIR)/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_SIDE_DIR) $(PY) -m cdm_kernels.compile_check --quick --report $(COMPILE_CHECK_ARCHS)
 
 test: $(STAMP) lint compile-check
-	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS) $(PYTEST_PATHS)
+	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS) $(PYTEST_PATHS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --device cpu --preset tiny
