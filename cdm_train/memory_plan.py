@@ -9,7 +9,8 @@ full. Each plan's peak is estimated from what is known before the first step:
   FSDP2 it is divided by the world size.
 - activations: batch x blocks x tokens x width x a per-plan constant (bytes kept per token and hidden unit of one
   block for one sample over the iteration's peak), from the cost model's full-depth runs (fake tensors, bf16,
-  1024 px; SD3-Medium and Flux-dev give the same constants within 10%; the larger is kept).
+  1024 px, official batch): the largest of SD3-Medium, Flux-dev and LongCat-Image (none 83 / 101 / 96,
+  selective 40 / 33 / 24, full 3.4 / 3.7 / 7.4), so the estimate errs towards more checkpointing.
 
 The first plan whose estimate stays under 90% of the device's memory wins; none fits: full (the official
 setting), with a warning. CPU runs (no memory limit worth planning for) take none.
@@ -25,9 +26,10 @@ import torch
 log = logging.getLogger("cdm_train")
 
 PLANS = ("none", "selective", "full")  # fastest first
-# Bytes per (sample, block, token, hidden unit) at the peak, per plan (cost model, 2026-12-06: SD3-Medium
-# 24 blocks x 4429 tokens x 1536 and Flux-dev 57 blocks x 4608 tokens x 3072, batch 16; docs/speed.md).
-ACTIVATION_BYTES = {"none": 84.0, "selective": 41.0, "full": 3.5}
+# Bytes per (sample, block, token, hidden unit) at the peak, per plan (cost model --plans, 2026-12-06: SD3-Medium
+# 24 blocks x 4429 tokens x 1536, Flux-dev 57 x 4608 x 3072, LongCat-Image 30 x 4608 x 3072; the largest of the
+# three; benchmarks/RESULTS_cost_model.md).
+ACTIVATION_BYTES = {"none": 101.0, "selective": 40.0, "full": 7.5}
 HEADROOM = 0.9  # allocator fragmentation, CUDA context, cuBLAS / attention workspaces
 
 
