@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cdm_kernels.graphs import checkpoint_blocks, compile_blocks, find_blocks
+from cdm_kernels.graphs import checkpoint_blocks, compile_blocks
 
+from .blocks import network_blocks
 from .errors import ConfigError
 from .graphs import apply_graph_switches
 
@@ -65,13 +66,6 @@ class Applied:
     def lines(self) -> list[str]:
         return [f"{i}. {name}: " + ("; ".join(done) if done else "-") for i, (name, done) in
                 enumerate(self.steps.items(), 1)]
-
-
-def network_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks a network runs, also when it is a LoRA view on a shared base (lora.AdapterView,
-    whose base is not a registered submodule)."""
-    base = getattr(net, "peft_model", None)
-    return find_blocks(base if base is not None else net)
 
 
 def _unique(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:

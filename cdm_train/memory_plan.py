@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import network_blocks
+
 log = logging.getLogger("cdm_train")
 
 PLANS = ("none", "selective", "full")  # fastest first
@@ -62,8 +64,6 @@ def model_state_bytes(models, ema, world: int = 1, sharded: bool = False) -> int
 def activation_shape(models, batch: int) -> tuple[int, int, int]:
     """(blocks, tokens, width) of the student as it will run: blocks from its block lists, width from the first
     block's attention, tokens = image tokens (latent side^2 / patch^2, or packed) + text tokens of one condition."""
-    from .accelerations import network_blocks
-
     blocks = network_blocks(models.student)
     if not blocks:
         return 0, 0, 0

@@ -337,3 +337,19 @@ def test_auto_checkpointing_picks_the_fastest_plan_that_fits(tmp_path):
     # FSDP2 shards the model state
     sharded = choose_plan(m, tr.ema, gpu, batch, world=8, sharded=True, total_bytes=int((state + act["none"]) / 0.9))
     assert sharded.plan == "none" and sharded.estimates_gib["none"] < (state + act["none"]) / 2**30
+
+
+def test_compiled_blocks_trace_the_8bit_attention_processors(tmp_path):
+    """Step 1 before step 4: the compiled blocks run the patched (here: emulated FP8) attention of the no-grad
+    passes, without a graph break, with the losses of the same run uncompiled."""
+    run = ["speed.fp8_attention_teacher=true", "speed.fp8_attention_fake=true", "speed.fp8_attention_rollout=true",
+           "speed.fp8_attention_emulate=true", "speed.attention_8bit=fp8", "optim.update_ratio=1",
+           "schedule.max_steps=3"]
+    eager = _losses(Trainer(tiny_config(tmp_path / "e", *run)), 2)
+    torch._dynamo.reset()
+    counters.clear()
+    tr = Trainer(tiny_config(tmp_path / "c", *run, "speed.compile_blocks=true", "speed.compile_backend=aot_eager"))
+    assert any("fp8" in line for line in tr.accelerations.steps["attention"])
+    compiled = _losses(tr, 2)
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+    _assert_losses_close(compiled, eager, rtol=1e-5)

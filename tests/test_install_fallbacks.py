@@ -44,12 +44,14 @@ def test_fp8_attention_on_a_gpu_without_fp8_tensor_cores_takes_int8_and_says_so(
     import importlib
 
     fa = importlib.import_module("cdm_kernels.attention.fp8_attention")  # the module, not the same-named function
+    dispatch = importlib.import_module("cdm_kernels.attention.dispatch")  # where the path is decided
+    common = importlib.import_module("cdm_kernels.attention._common")
 
-    monkeypatch.setattr(fa, "_interpret", lambda: False)
-    monkeypatch.setattr(fa, "HAS_TRITON", True)
+    monkeypatch.setattr(dispatch, "interpret", lambda: False)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    monkeypatch.setattr(fa, "_logged", set(), raising=False)
+    monkeypatch.setattr(common, "_logged", set())
 
     class FakeCudaTensor:
         device = torch.device("cuda", 0)
