@@ -145,6 +145,15 @@ def apply_compile(cfg: Config, models: Models, ema: EMA | None, applied: Applied
         applied.add("compile", f"{name}: {n} blocks ({compile_backend(cfg)})")
 
 
+def compile_for_sampling(cfg: Config, model: torch.nn.Module, device: torch.device) -> int:
+    """The EMA / student sampler of `cdm-train eval` (thousands of samples): its blocks compiled as in training
+    when the run had speed.compile_blocks, on CUDA only (a few CPU samples would not repay inductor's compile
+    time). Returns how many blocks were compiled."""
+    if not cfg.speed.compile_blocks or device.type != "cuda":
+        return 0
+    return compile_blocks(network_blocks(model), backend=compile_backend(cfg), recompile_limit=RECOMPILE_LIMIT)
+
+
 def apply_accelerations(cfg: Config, models: Models, ema: EMA | None, parallel: Parallel,
                         device: torch.device) -> Applied:
     """Apply every model-level acceleration of `cfg` to `models` in place, in the order of ORDER (see the
@@ -165,4 +174,4 @@ def apply_accelerations(cfg: Config, models: Models, ema: EMA | None, parallel: 
     return applied
 
 
-__all__ = ["apply_accelerations", "Applied", "ORDER", "network_blocks", "RECOMPILE_LIMIT"]
+__all__ = ["apply_accelerations", "compile_for_sampling", "Applied", "ORDER", "network_blocks", "RECOMPILE_LIMIT"]

@@ -353,3 +353,21 @@ def test_compiled_blocks_trace_the_8bit_attention_processors(tmp_path):
     compiled = _losses(tr, 2)
     assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
     _assert_losses_close(compiled, eager, rtol=1e-5)
+
+
+def test_eval_sampler_compiles_the_blocks_on_cuda_when_the_run_did():
+    from cdm_train.accelerations import compile_for_sampling, network_blocks
+
+    def fresh():
+        from cdm_train.models.build import build_teacher
+
+        return build_teacher(make_config("tiny", overrides=["train.device=cpu"]), torch.device("cpu"))[0]
+
+    on = make_config("tiny", overrides=["speed.compile_blocks=true", "speed.compile_backend=eager"])
+    off = make_config("tiny")
+    model = fresh()
+    assert compile_for_sampling(on, model, torch.device("cpu")) == 0  # CPU: never (compile would not repay)
+    assert compile_for_sampling(off, model, torch.device("cuda", 0)) == 0  # the run did not compile
+    assert not any(is_compiled(b) for b in network_blocks(model))
+    assert compile_for_sampling(on, model, torch.device("cuda", 0)) == 2  # lazily: nothing runs on the device here
+    assert all(is_compiled(b) for b in network_blocks(model))

@@ -65,6 +65,9 @@ class RunSampler:
                                  "and VAE (a diffusers pipeline directory); eval encodes --prompts and decodes images")
         self.cfg, self.device = cfg, device
         self.model, self.adapter, _, self.latent = load_student(state, cfg, ema=ema, device=device)
+        from ..accelerations import compile_for_sampling
+
+        compile_for_sampling(cfg, self.model, device)  # the run's speed.compile_blocks, on CUDA
         self.text = load_text_pipeline(model_dir, device, torch.float32)
         self.max_sequence_length = prompt_max_sequence_length(cfg)
         trained = trained_sigmas(cfg)
