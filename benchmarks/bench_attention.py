@@ -164,10 +164,7 @@ def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 shape_rows.append(row)
                 continue
-            row["ms"] = round(sec * 1e3, 4)
-            row["tflops"] = round(flops / sec / 1e12, 2)
-            for key, peak in ceilings.items():
-                row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
+            _add_timing(row, sec, flops, ceilings)
             shape_rows.append(row)
         timed = [r for r in shape_rows if "ms" in r]
         default = next((r["ms"] for r in timed if r["provider"] == "sdpa-default"), None)
@@ -182,6 +179,14 @@ def bench_attention(device: str, shapes, reps: int, ceilings: dict) -> list[dict
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _add_timing(row: dict, sec: float, flops: float, ceilings: dict) -> None:
+    """ms, TFLOP/s and % of each of the run's GEMM ceilings."""
+    row["ms"] = round(sec * 1e3, 4)
+    row["tflops"] = round(flops / sec / 1e12, 2)
+    for key, peak in ceilings.items():
+        row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
 
 
 def providers_kind(pname: str) -> str:
@@ -214,10 +219,7 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 rows.append(row)
                 continue
-            row["ms"] = round(sec * 1e3, 4)
-            row["tflops"] = round(flops / sec / 1e12, 2)
-            for key, peak in ceilings.items():
-                row[f"pct_of_{key}_ceiling"] = round(100 * row["tflops"] / peak, 1)
+            _add_timing(row, sec, flops, ceilings)
             rows.append(row)
         del q, k, v
         if device == "cuda":

@@ -36,8 +36,10 @@ FAMILIES = {"sd3": ("sd3-medium-shape", 2), "flux": ("flux-shape", 1), "longcat"
 TINY = {"sd3": "tiny", "flux": "flux-tiny", "longcat": "longcat-tiny"}
 
 
-def capture_blocks(family: str, device: torch.device, batch: int, resolution: int, quick: bool):
-    """{kind: (block, args, kwargs)}: one block of each kind with the inputs the model gives it (bf16)."""
+def capture_blocks(family: str, device: torch.device, batch: int, resolution: int, quick: bool,
+                   dtype: torch.dtype | None = None):
+    """{kind: (block, args, kwargs)}: one block of each kind with the inputs the model gives it (dtype: default bf16
+    on CUDA, fp32 on the CPU). SD3's last block (context_pre_only, one per model) is left out."""
     from cdm_kernels.graphs import find_blocks
     from cdm_train.config import make_config
     from cdm_train.models.build import build_teacher
@@ -50,7 +52,7 @@ def capture_blocks(family: str, device: torch.device, batch: int, resolution: in
         over += [f"model.layers={layers}", f"model.resolution={resolution}"]
     cfg = make_config(preset, overrides=over)
     model, adapter, sample_cond, latent = build_teacher(cfg, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = model.to(dtype).eval()
     kinds = {}
     for b in find_blocks(model):

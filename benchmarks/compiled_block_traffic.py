@@ -38,13 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_blocks import FAMILIES, _inputs, capture_blocks  # noqa: E402
 from cost_model import ATTENTION, MATMUL, NO_KERNEL, _nbytes, _tensors  # noqa: E402
 
-FAMILIES = {  # preset, layers (2: SD3's first block is a regular one; its last has context_pre_only)
-    "sd3": ("sd3-medium-shape", 2),
-    "flux": ("flux-shape", 1),
-    "longcat": ("longcat-shape", 1),
-}
 POLICIES = ("none", "selective", "full")
 PASSES = ("no_grad", "grad")
 
@@ -101,54 +97,13 @@ def compiled_traffic(record: dict):
 
 def block_inputs(family: str, image_tokens_side: int):
     """{block kind: (block, args, kwargs)} captured from one call of the family's model (bf16, batch 1)."""
-    from cdm_kernels.graphs import find_blocks
-    from cdm_train.config import make_config
-    from cdm_train.models.build import build_teacher
-
-    preset, layers = FAMILIES[family]
-    resolution = image_tokens_side * 16  # latent = resolution / 8, then 2x2 patches (SD3) or packing (Flux)
-    cfg = make_config(preset, overrides=[f"model.layers={layers}", f"model.resolution={resolution}",
-                                         "train.device=cpu"])
-    model, adapter, sample_cond, latent = build_teacher(cfg, torch.device("cpu"))
-    model = model.to(torch.bfloat16).eval()
-    captured = {}
-    blocks = find_blocks(model)
-    kinds = {}
-    for b in blocks:
-        kind = type(b).__name__ + ("(context_pre_only)" if getattr(b, "context_pre_only", False) else "")
-        kinds.setdefault(kind, b)
-
-    def hook(module, args, kwargs, kind):
-        captured.setdefault(kind, (args, kwargs))
-
-    handles = [b.register_forward_pre_hook(lambda m, a, k, _kind=kind: hook(m, a, k, _kind), with_kwargs=True)
-               for kind, b in kinds.items()]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *latent, generator=g).to(torch.bfloat16)
-    cond = torch.utils._pytree.tree_map(
-        lambda t: t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        sample_cond(1, torch.Generator().manual_seed(0)))
-    with torch.no_grad():
-        adapter(model, x, torch.tensor([0.5]), cond)
-    for h in handles:
-        h.remove()
-    out = {}
-    for kind, block in kinds.items():
-        if "context_pre_only" in kind:
-            continue  # one block per model; the cost model applies the regular block's ratio to it
-        args, kwargs = captured[kind]
-        detach = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
-        out[f"{family}:{kind}"] = (block, tuple(detach(a) for a in args),
-                                   {k: detach(v) for k, v in kwargs.items()})
-    return out
+    # latent = resolution / 8, then 2x2 patches (SD3) or packing (Flux): image_tokens_side^2 image tokens
+    return capture_blocks(family, torch.device("cpu"), 1, image_tokens_side * 16, False, dtype=torch.bfloat16)
 
 
 def run_pass(block, args, kwargs, pass_: str, compiled: bool):
     torch.manual_seed(0)
-    args = tuple(a.clone().requires_grad_(pass_ == "grad" and a.is_floating_point()) if isinstance(a, torch.Tensor)
-                 else a for a in args)
-    kwargs = {k: (v.clone().requires_grad_(pass_ == "grad" and v.is_floating_point() and k != "temb")
-                  if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    args, kwargs = _inputs(args, kwargs, pass_ == "grad")
     block.requires_grad_(pass_ == "grad")
     block.zero_grad(set_to_none=True)  # a gradient left by an earlier run would add an accumulation pass
     fn = torch.compile(block, backend="inductor") if compiled else block

@@ -266,7 +266,7 @@ class ModelledSwitches:
     teacher). Nothing is compiled or quantised: the fake tensors run the eager ops, the mode reprices them."""
 
     def __init__(self, mode: CostMode, models, fp8_linear_teacher: bool):
-        from cdm_train.accelerations import network_blocks
+        from cdm_train.blocks import network_blocks
 
         self.handles = []
         seen = set()

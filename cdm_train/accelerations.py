@@ -36,7 +36,7 @@ from cdm_kernels.graphs import checkpoint_blocks, compile_blocks
 
 from .blocks import network_blocks
 from .errors import ConfigError
-from .graphs import apply_graph_switches
+from .graphs import RECOMPILE_LIMIT, apply_graph_switches
 
 if TYPE_CHECKING:
     from .config import Config
@@ -48,9 +48,6 @@ log = logging.getLogger("cdm_train")
 
 ORDER = ("attention", "fp8 linears", "checkpointing", "compile", "ddp/fsdp", "graphs")
 
-# Distinct graphs one block class can need in a run: student / fake / teacher (+ EMA sampler) x grad modes x
-# (static, then dynamic batch) x the block's own variants (SD3's last block). 8 (dynamo's default) is too low.
-RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -66,15 +63,6 @@ class Applied:
     def lines(self) -> list[str]:
         return [f"{i}. {name}: " + ("; ".join(done) if done else "-") for i, (name, done) in
                 enumerate(self.steps.items(), 1)]
-
-
-def _unique(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    seen, out = set(), []
-    for b in blocks:
-        if id(b) not in seen:
-            seen.add(id(b))
-            out.append(b)
-    return out
 
 
 def apply_attention(cfg: Config, models: Models, applied: Applied) -> None:
@@ -121,28 +109,24 @@ def apply_checkpointing(cfg: Config, models: Models, applied: Applied, *, ema: E
         applied.add("checkpointing", f"{name}: {policy} ({n} blocks)")
 
 
-def compile_backend(cfg: Config) -> str:
-    return cfg.speed.compile_backend
-
-
 def apply_compile(cfg: Config, models: Models, ema: EMA | None, applied: Applied) -> None:
-    if not cfg.speed.compile_blocks:
+    sp = cfg.speed
+    if not sp.compile_blocks:
         return
     nets = [("student", models.student), ("fake", models.fake), ("teacher", models.teacher)]
     if ema is not None:
         nets.append(("ema", ema.module))
-    done: list[torch.nn.Module] = []
     for name, net in nets:
-        blocks = [b for b in _unique(network_blocks(net)) if all(b is not d for d in done)]
+        blocks = network_blocks(net)
         if not blocks:
-            if not any(b is d for b in network_blocks(net) for d in done):
-                applied.add("compile", f"{name}: no transformer blocks, eager")
+            applied.add("compile", f"{name}: no transformer blocks, eager")
             continue
         # dynamic=None: the first batch size compiles static, a second one marks the batch dim dynamic
         # (the early-exit rollout changes it every step): at most one recompile per (network, grad mode).
-        n = compile_blocks(blocks, backend=compile_backend(cfg), recompile_limit=RECOMPILE_LIMIT)
-        done.extend(blocks)
-        applied.add("compile", f"{name}: {n} blocks ({compile_backend(cfg)})")
+        # Blocks already compiled (a LoRA base shared with a network above) are left as they are.
+        n = compile_blocks(blocks, backend=sp.compile_backend, recompile_limit=RECOMPILE_LIMIT)
+        applied.add("compile", f"{name}: {n} blocks ({sp.compile_backend})" if n else
+                    f"{name}: its blocks are shared with a network above, compiled once")
 
 
 def compile_for_sampling(cfg: Config, model: torch.nn.Module, device: torch.device) -> int:
@@ -151,7 +135,7 @@ def compile_for_sampling(cfg: Config, model: torch.nn.Module, device: torch.devi
     time). Returns how many blocks were compiled."""
     if not cfg.speed.compile_blocks or device.type != "cuda":
         return 0
-    return compile_blocks(network_blocks(model), backend=compile_backend(cfg), recompile_limit=RECOMPILE_LIMIT)
+    return compile_blocks(network_blocks(model), backend=cfg.speed.compile_backend, recompile_limit=RECOMPILE_LIMIT)
 
 
 def apply_accelerations(cfg: Config, models: Models, ema: EMA | None, parallel: Parallel,

@@ -25,6 +25,11 @@ from .cond import Cond, ModelAdapter
 
 log = logging.getLogger("cdm_train")
 
+# dynamo's recompile limit for compiled blocks and forwards: distinct graphs one block class can need in a run are
+# student / fake / teacher (+ EMA sampler) x grad modes x (static, then dynamic batch) x the block's own variants
+# (SD3's last block), and every rollout batch size for a static-shape compiled rollout. 8 (the default) is too low.
+RECOMPILE_LIMIT = 64
+
 
 class GraphedAdapter:
     """An adapter that sends no-grad calls of selected models through per-model callables."""
@@ -77,7 +82,7 @@ class CompiledForward:
         if self.backend is None and x.device.type != "cuda":
             return self.fn(x, sigma, cond)
         if self._compiled is None:
-            raise_recompile_limit(64)
+            raise_recompile_limit(RECOMPILE_LIMIT)
             kwargs = {"mode": "reduce-overhead"} if self.backend in (None, "inductor") else {}
             self._compiled = torch.compile(self.fn, backend=self.backend or "inductor", dynamic=False, **kwargs)
         if x.device.type == "cuda":

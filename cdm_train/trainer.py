@@ -404,16 +404,6 @@ def adamw_options(cfg: Config, device: torch.device) -> dict[str, Any]:
     return dict(betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, **impl)
 
 
-def apply_fp8_switches(cfg: Config, models: Models) -> None:
-    """FP8 attention / linears on the passes without gradient, as the speed switches say (steps 1-2 of
-    accelerations.apply_accelerations, which the trainer calls; kept for code that only wants these two)."""
-    from .accelerations import Applied, apply_attention, apply_fp8_linears
-
-    applied = Applied()
-    apply_attention(cfg, models, applied)
-    apply_fp8_linears(cfg, models, applied)
-
-
 def log_line(record: dict[str, Any], total: int) -> str:
     """One plain, greppable line of a log record (no carriage returns): step, losses, lr, NFE, speed, memory."""
     def num(v) -> str:

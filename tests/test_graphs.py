@@ -418,16 +418,23 @@ def test_gpu_replay_after_optimizer_step_sees_new_weights():
     assert g.stats.captures == 1 and g.stats.replays == 3
 
 
+def _two_graphed_teachers(dev):
+    """Real and fake tiny SD3 teachers as (uncaptured) graphed forwards, their inputs (batch 8 and 4) and their eager
+    outputs."""
+    real, fake = _tiny_sd3(dev, 0).eval(), _tiny_sd3(dev, 1).eval()
+    g_real, g_fake = GraphedForward(_sd3_call(real), name="real"), GraphedForward(_sd3_call(fake), name="fake")
+    real_in, fake_in = _sd3_inputs(8, dev, 0), _sd3_inputs(4, dev, 1)
+    with torch.no_grad():
+        expected = (_sd3_call(real)(*real_in), _sd3_call(fake)(*fake_in))
+    return g_real, g_fake, real_in, fake_in, expected
+
+
 @needs_diffusers
 @pytest.mark.gpu(timeout_s=90)
 def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
     dev = torch.device("cuda")
-    real, fake = _tiny_sd3(dev, 0).eval(), _tiny_sd3(dev, 1).eval()
-    g_real, g_fake = GraphedForward(_sd3_call(real), name="real"), GraphedForward(_sd3_call(fake), name="fake")
-    x4, s4, c4 = _sd3_inputs(8, dev, 0)
-    x2, s2, c2 = _sd3_inputs(4, dev, 1)
+    g_real, g_fake, (x4, s4, c4), (x2, s2, c2), expected = _two_graphed_teachers(dev)
     with torch.no_grad():
-        expected = (_sd3_call(real)(x4, s4, c4), _sd3_call(fake)(x2, s2, c2))
         # The hang on the H200 came with first captures inside run_concurrently: now refused, so capture first.
         with pytest.raises(CaptureInConcurrentRegionError):
             run_concurrently(lambda: g_real(x4, s4, c4), lambda: g_fake(x2, s2, c2), device=dev)
@@ -450,12 +457,8 @@ def test_gpu_concurrent_replay_on_two_streams_equals_sequential():
 @pytest.mark.gpu(timeout_s=90)
 def test_gpu_run_overlapped_first_call_captures_sequentially():
     dev = torch.device("cuda")
-    real, fake = _tiny_sd3(dev, 0).eval(), _tiny_sd3(dev, 1).eval()
-    g_real, g_fake = GraphedForward(_sd3_call(real), name="real"), GraphedForward(_sd3_call(fake), name="fake")
-    x4, s4, c4 = _sd3_inputs(8, dev, 0)
-    x2, s2, c2 = _sd3_inputs(4, dev, 1)
+    g_real, g_fake, (x4, s4, c4), (x2, s2, c2), expected = _two_graphed_teachers(dev)
     with torch.no_grad():
-        expected = (_sd3_call(real)(x4, s4, c4), _sd3_call(fake)(x2, s2, c2))
         for _ in range(3):
             a, b = run_overlapped(lambda: g_real(x4, s4, c4), lambda: g_fake(x2, s2, c2), device=dev)
     torch.testing.assert_close(a, expected[0], rtol=0, atol=0)

@@ -402,8 +402,8 @@ def test_int8_twin_beats_fp8_twin_on_sd3_activations(sd3, monkeypatch):
 def test_trainer_switch_selects_int8_modes(monkeypatch):
     """speed.attention_8bit=int8 installs the int8 processor modes (kernel, or twin with fp8_attention_emulate)."""
     import cdm_kernels
+    from cdm_train.attention_setup import apply_attention
     from cdm_train.config import ConfigError, make_config
-    from cdm_train.trainer import apply_fp8_switches
 
     class Models:
         teacher, fake, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
@@ -414,7 +414,7 @@ def test_trainer_switch_selects_int8_modes(monkeypatch):
 
     def run(*overrides):
         modes.clear()
-        apply_fp8_switches(make_config(overrides=["speed.fp8_attention_teacher=true", *overrides]), Models)
+        apply_attention(make_config(overrides=["speed.fp8_attention_teacher=true", *overrides]), Models)
         assert [net for net, _ in modes] == [Models.teacher]
         return modes[0][1]
 

@@ -153,7 +153,7 @@ def test_gradient_checkpointing_works_on_the_shared_base(tmp_path):
     ckpt = Trainer(tiny_config(tmp_path / "b", *LORA, "train.steps=2", "optim.update_ratio=1",
                                "train.grad_checkpointing=true"))
     from cdm_kernels.graphs import checkpoint_policy
-    from cdm_train.accelerations import network_blocks
+    from cdm_train.blocks import network_blocks
 
     blocks = network_blocks(ckpt.models.student)  # the shared base's blocks
     assert blocks and {checkpoint_policy(b) for b in blocks} == {"full"}
