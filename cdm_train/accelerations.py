@@ -49,7 +49,6 @@ log = logging.getLogger("cdm_train")
 ORDER = ("attention", "fp8 linears", "checkpointing", "compile", "ddp/fsdp", "graphs")
 
 
-
 @dataclass
 class Applied:
     """What apply_accelerations did, step by step (for the log and for tests)."""
