@@ -36,21 +36,21 @@ def test_a_local_access_outside_the_slow_path_is_a_hot_spill():
     planted = SNIPPET.replace("/*2f70*/", "/*2f70*/                   STL [R1+0x20], R9 ;\n/*2f80*/", 1)
     st = mc.sass_stats(planted)
     assert st.hot_local == 1
-    fails = mc.gate("flow_matching._partials_kernel", 80, {**INFO, "spill_stores": 4, "spill_loads": 4}, st, True)
+    fails = mc.gate("flow_matching._forward_kernel", 80, {**INFO, "spill_stores": 4, "spill_loads": 4}, st, True)
     assert any("spills 4 B stores" in f and "1 local accesses on the fast path" in f for f in fails)
     # The same spill bytes with every local access inside the slow path do not fail; without SASS they do.
-    assert mc.gate("flow_matching._partials_kernel", 80, {**INFO, "spill_stores": 4}, mc.sass_stats(SNIPPET),
+    assert mc.gate("flow_matching._forward_kernel", 80, {**INFO, "spill_stores": 4}, mc.sass_stats(SNIPPET),
                    True) == []
     assert mc.gate("euler._euler_step_kernel", 90, {**INFO, "spill_stores": 4}, None, True)
 
 
 def test_gates_on_access_width_and_matrix_instructions():
     st = mc.sass_stats(SNIPPET)
-    assert mc.gate("flow_matching._partials_kernel", 90, INFO, st, aligned=True) == []  # no store gate on partials
+    assert mc.gate("flow_matching._forward_kernel", 90, INFO, st, aligned=True) == []  # no store gate: loss forward
     narrow = mc.sass_stats(SNIPPET.replace("LDG.E.128", "LDG.E.64"))
-    fails = mc.gate("flow_matching._partials_kernel", 90, INFO, narrow, aligned=True)
+    fails = mc.gate("flow_matching._forward_kernel", 90, INFO, narrow, aligned=True)
     assert fails and "no 128-bit global load" in fails[0]
-    assert mc.gate("flow_matching._partials_kernel", 90, INFO, narrow, aligned=False) == []  # unaligned: exempt
+    assert mc.gate("flow_matching._forward_kernel", 90, INFO, narrow, aligned=False) == []  # unaligned: exempt
     assert any("no 128-bit global store" in f for f in mc.gate("euler._euler_step_kernel", 90, INFO, st, True))
     fp8 = mc.FP8_ATTENTION_KERNEL
     assert any("without QGMMA" in f for f in mc.gate(fp8, 90, INFO, st, True))

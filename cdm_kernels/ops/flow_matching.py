@@ -1,7 +1,8 @@
 """The fake teacher's flow-matching loss, fused: per sample mean((pred_v - (noise - x0))^2).
 
-Forward: one pass (grid (chunks, B)) writing per-chunk partial sums, then one program
-that reduces them per sample and applies the reduction (deterministic, no atomics).
+Forward: one launch (grid (chunks, B)): each program writes its chunk's partial sum, and the
+program that finishes last (``utils.is_last_program``) reduces them per sample in a fixed order
+and applies the reduction (deterministic: no float atomics).
 Backward: one pass reading pred_v and x0 and writing 2 (pred_v - noise + x0) / n * g.
 With a seed the noise is drawn in the kernel (``tl.randn(seed, offset + j)``, the
 generator ``renoise(..., seed=seed, offset=offset)`` used to build the model input) and
@@ -26,11 +27,14 @@ from .utils import (
     eager_path,
     elementwise_block,
     finalize_block_sizes,
+    is_last_program,
     loss_shape,
     ops_namespace,
     reduce_sizes,
+    reset_ticket,
     round_bf16_needed,
     row_size,
+    ticket_counter,
     tl,
     to_output,
     triton,
@@ -52,9 +56,32 @@ if HAS_TRITON:
             eps = tl.randn(seed, offset + b * N + i)
         return tl.where(mask, p - (eps - x0), 0.0)
 
-    @triton.jit(do_not_specialize=["seed", "offset"])
-    def _partials_kernel(P, X0, NOISE, PART, p_bs, x_bs, n_bs, N, CHUNK, n_chunks, seed, offset,
-                         HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    @triton.jit
+    def _finalize(PART, LOSS, B, n_chunks, n_float, red_scale,
+                  REDUCTION, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        total = tl.zeros((BLOCK_B,), tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            bmask = bs < B
+            acc = tl.zeros((BLOCK_B,), tl.float32)
+            for c0 in range(0, n_chunks, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                m2 = bmask[:, None] & (cs < n_chunks)[None, :]
+                # .cg: from L2, where the other programs' stores are (never a stale L1 line)
+                acc += tl.sum(tl.load(PART + bs[:, None] * n_chunks + cs[None, :], mask=m2, other=0.0,
+                                      cache_modifier=".cg"), axis=1)
+            loss = acc / n_float
+            if REDUCTION == 2:
+                tl.store(LOSS + bs, loss, mask=bmask)
+            else:
+                total += tl.where(bmask, loss, 0.0)
+        if REDUCTION != 2:
+            tl.store(LOSS, tl.sum(total, axis=0) * red_scale)
+
+    @triton.jit(do_not_specialize=["seed", "offset", "REDUCTION"])
+    def _forward_kernel(P, X0, NOISE, PART, LOSS, COUNTER, p_bs, x_bs, n_bs, N, CHUNK, n_chunks, B, n_float,
+                        red_scale, seed, offset, REDUCTION, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
         c = tl.program_id(0)
         b = tl.program_id(1)
         b64 = b.to(tl.int64)
@@ -66,26 +93,9 @@ if HAS_TRITON:
             r = _residual(P, X0, NOISE, p_bs, x_bs, n_bs, b, b64, i, i < end, N, seed, offset, HAS_NOISE)
             acc += r * r
         tl.store(PART + b64 * n_chunks + c, tl.sum(acc, axis=0))
-
-    @triton.jit
-    def _finalize_kernel(PART, LOSS, B, n_chunks, n_float, red_scale,
-                         REDUCTION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-        total = tl.zeros((BLOCK_B,), tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            bmask = bs < B
-            acc = tl.zeros((BLOCK_B,), tl.float32)
-            for c0 in range(0, n_chunks, BLOCK_C):
-                cs = c0 + tl.arange(0, BLOCK_C)
-                m2 = bmask[:, None] & (cs < n_chunks)[None, :]
-                acc += tl.sum(tl.load(PART + bs[:, None] * n_chunks + cs[None, :], mask=m2, other=0.0), axis=1)
-            loss = acc / n_float
-            if REDUCTION == 2:
-                tl.store(LOSS + bs, loss, mask=bmask)
-            else:
-                total += tl.where(bmask, loss, 0.0)
-        if REDUCTION != 2:
-            tl.store(LOSS, tl.sum(total, axis=0) * red_scale)
+        if is_last_program(COUNTER, B * n_chunks):
+            _finalize(PART, LOSS, B, n_chunks, n_float, red_scale, REDUCTION, BLOCK_B, BLOCK_C)
+            reset_ticket(COUNTER)
 
     @triton.jit(do_not_specialize=["seed", "offset"])
     def _backward_kernel(G, P, X0, NOISE, OUT, g_stride, g_scale, p_bs, x_bs, n_bs, N, seed, offset,
@@ -112,11 +122,11 @@ def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
     nr, n_bs = as_rows(noise) if noise is not None else (pr, 0)
     block_b, block_c = finalize_block_sizes(batch, n_chunks)
     with lincomb._device_guard(pred_v):
-        _partials_kernel[(n_chunks, batch)](pr, xr, nr, part, p_bs, x_bs, n_bs, n, chunk, n_chunks,
-                                            max(int(seed), 0), int(offset), HAS_NOISE=noise is not None,
-                                            BLOCK=block)
-        _finalize_kernel[(1,)](part, loss, batch, n_chunks, float(n), 1.0 / batch if reduction == "mean" else 1.0,
-                               REDUCTION=REDUCTIONS[reduction], BLOCK_B=block_b, BLOCK_C=block_c)
+        _forward_kernel[(n_chunks, batch)](pr, xr, nr, part, loss, ticket_counter(pred_v.device), p_bs, x_bs, n_bs,
+                                           n, chunk, n_chunks, batch, float(n),
+                                           1.0 / batch if reduction == "mean" else 1.0, max(int(seed), 0),
+                                           int(offset), REDUCTIONS[reduction], HAS_NOISE=noise is not None,
+                                           BLOCK=block, BLOCK_B=block_b, BLOCK_C=block_c)
     return loss
 
 

@@ -9,17 +9,19 @@ sigma_teacher (b_v - a_v)`` (xt_teacher cancels), per sample
 
 so the forward needs, per sample, only three sums -- sum|x0_a - x0_s|, sum d^2 and the
 count of non-finite d -- plus the count of non-finite student x0 (which must make the loss
-NaN, as in the reference). They are all collected in ONE pass over the five inputs:
+NaN, as in the reference). They are all collected in ONE launch that reads each of the five
+inputs once:
 
-* ``_partials_kernel``: grid (chunks, B); each program reduces one chunk of one sample
-  and writes four fp32 partial sums (no atomics: deterministic);
-* ``_finalize_kernel``: one program; sums the partials per sample, applies the
-  non-finite rule (a sample with a non-finite d or normaliser gets shift 0, i.e. loss 0
-  and k = 0; a non-finite student value makes loss and k NaN), writes the loss (reduced
-  or per sample) and k (B floats: the only saved state besides references to a_v, b_v).
+* ``_forward_kernel``: grid (chunks, B); each program reduces one chunk of one sample and
+  writes four fp32 partial sums (no float atomics: deterministic), then takes a ticket
+  (``utils.is_last_program``); the program with the last ticket runs ``_finalize``: sums the
+  partials per sample in a fixed order, applies the non-finite rule (a sample with a
+  non-finite d or normaliser gets shift 0, i.e. loss 0 and k = 0; a non-finite student value
+  makes loss and k NaN), writes the loss (reduced or per sample) and k (B floats: the only
+  saved state besides references to a_v, b_v).
 
-Backward: one elementwise pass reading a_v and b_v, writing the gradient of student_v
-(and, only if it is needed, a second one for xt).
+Backward: one elementwise launch reading a_v and b_v, writing the gradient of student_v
+(and, only if it is needed, a second one for xt). Forward + backward: two launches.
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ from .utils import (
     elementwise_block,
     finalize_block_sizes,
     is_finite,
+    is_last_program,
     load_sigma,
     loss_shape,
     ops_namespace,
     reduce_sizes,
+    reset_ticket,
     round_bf16_needed,
     row_size,
     sigma_launch_args,
     split_sigma,
+    ticket_counter,
     tl,
     to_output,
     triton,
@@ -62,9 +67,53 @@ BACKWARD_SCHEMA = ("(Tensor grad_loss, Tensor coef, Tensor a_v, Tensor b_v, Tens
 if HAS_TRITON:
 
     @triton.jit
-    def _partials_kernel(SV, AV, BV, XT, XTT, PART, S, ST, s_val, st_val, s_stride, st_stride,
-                         sv_bs, av_bs, bv_bs, xt_bs, xtt_bs, N, CHUNK, n_chunks, part_stride,
-                         HAS_S: tl.constexpr, HAS_ST: tl.constexpr, BLOCK: tl.constexpr):
+    def _finalize(PART, LOSS, COEF, B, n_chunks, part_stride, n_float, scale, clip, red_scale,
+                  REDUCTION, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        total = tl.zeros((BLOCK_B,), tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            bmask = bs < B
+            # 2-D tiles accumulated in the loop and reduced once after it: triton 3.6 (the GPU
+            # machines' version) crashes in OptimizeThreadLocality on a loop whose per-iteration
+            # 2-D reductions feed several accumulators (loopResult.hasOneUse()) once the tile
+            # reaches 256 elements; 3.9 compiles both forms. `python -m cdm_kernels.compile_check`.
+            t_abs = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_sq = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_bad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            t_sbad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+            for c0 in range(0, n_chunks, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                m2 = bmask[:, None] & (cs < n_chunks)[None, :]
+                idx = bs[:, None] * n_chunks + cs[None, :]
+                # .cg: from L2, where the other programs' stores are (never a stale L1 line)
+                t_abs += tl.load(PART + idx, mask=m2, other=0.0, cache_modifier=".cg")
+                t_sq += tl.load(PART + part_stride + idx, mask=m2, other=0.0, cache_modifier=".cg")
+                t_bad += tl.load(PART + 2 * part_stride + idx, mask=m2, other=0.0, cache_modifier=".cg")
+                t_sbad += tl.load(PART + 3 * part_stride + idx, mask=m2, other=0.0, cache_modifier=".cg")
+            s_abs = tl.sum(t_abs, axis=1)
+            s_sq = tl.sum(t_sq, axis=1)
+            n_bad = tl.sum(t_bad, axis=1)
+            n_sbad = tl.sum(t_sbad, axis=1)
+            norm = tl.maximum(s_abs / n_float + 1e-8, clip)
+            ok = (n_bad == 0.0) & is_finite(s_abs)
+            loss = tl.where(ok, (scale * scale) * s_sq / (norm * norm) / n_float, 0.0)
+            coef = tl.where(ok, (2.0 * scale) / (norm * n_float), 0.0)
+            student_nan = tl.where(n_sbad > 0.0, float("nan"), 0.0)
+            loss += student_nan
+            coef += student_nan
+            tl.store(COEF + bs, coef, mask=bmask)
+            if REDUCTION == 2:
+                tl.store(LOSS + bs, loss, mask=bmask)
+            else:
+                total += tl.where(bmask, loss, 0.0)
+        if REDUCTION != 2:
+            tl.store(LOSS, tl.sum(total, axis=0) * red_scale)
+
+    @triton.jit(do_not_specialize=["REDUCTION"])  # a runtime branch of the last program: no compile variants
+    def _forward_kernel(SV, AV, BV, XT, XTT, PART, LOSS, COEF, COUNTER, S, ST, s_val, st_val, s_stride, st_stride,
+                        sv_bs, av_bs, bv_bs, xt_bs, xtt_bs, N, CHUNK, n_chunks, B, n_float, scale, clip, red_scale,
+                        REDUCTION, HAS_S: tl.constexpr, HAS_ST: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
         c = tl.program_id(0)
         b = tl.program_id(1)
         s = load_sigma(S, s_val, s_stride, b, HAS_S)
@@ -91,53 +140,16 @@ if HAS_TRITON:
             acc_sq += d * d
             acc_bad += tl.where(is_finite(d), 0.0, 1.0)
             acc_sbad += tl.where(is_finite(x0s), 0.0, 1.0)
+        part_stride = B * n_chunks
         out = PART + b64 * n_chunks + c
         tl.store(out, tl.sum(acc_abs, axis=0))
         tl.store(out + part_stride, tl.sum(acc_sq, axis=0))
         tl.store(out + 2 * part_stride, tl.sum(acc_bad, axis=0))
         tl.store(out + 3 * part_stride, tl.sum(acc_sbad, axis=0))
-
-    @triton.jit
-    def _finalize_kernel(PART, LOSS, COEF, B, n_chunks, part_stride, n_float, scale, clip, red_scale,
-                         REDUCTION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-        total = tl.zeros((BLOCK_B,), tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            bmask = bs < B
-            # 2-D tiles accumulated in the loop and reduced once after it: triton 3.6 (the GPU
-            # machines' version) crashes in OptimizeThreadLocality on a loop whose per-iteration
-            # 2-D reductions feed several accumulators (loopResult.hasOneUse()) once the tile
-            # reaches 256 elements; 3.9 compiles both forms. `python -m cdm_kernels.compile_check`.
-            t_abs = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-            t_sq = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-            t_bad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-            t_sbad = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-            for c0 in range(0, n_chunks, BLOCK_C):
-                cs = c0 + tl.arange(0, BLOCK_C)
-                m2 = bmask[:, None] & (cs < n_chunks)[None, :]
-                idx = bs[:, None] * n_chunks + cs[None, :]
-                t_abs += tl.load(PART + idx, mask=m2, other=0.0)
-                t_sq += tl.load(PART + part_stride + idx, mask=m2, other=0.0)
-                t_bad += tl.load(PART + 2 * part_stride + idx, mask=m2, other=0.0)
-                t_sbad += tl.load(PART + 3 * part_stride + idx, mask=m2, other=0.0)
-            s_abs = tl.sum(t_abs, axis=1)
-            s_sq = tl.sum(t_sq, axis=1)
-            n_bad = tl.sum(t_bad, axis=1)
-            n_sbad = tl.sum(t_sbad, axis=1)
-            norm = tl.maximum(s_abs / n_float + 1e-8, clip)
-            ok = (n_bad == 0.0) & is_finite(s_abs)
-            loss = tl.where(ok, (scale * scale) * s_sq / (norm * norm) / n_float, 0.0)
-            coef = tl.where(ok, (2.0 * scale) / (norm * n_float), 0.0)
-            student_nan = tl.where(n_sbad > 0.0, float("nan"), 0.0)
-            loss += student_nan
-            coef += student_nan
-            tl.store(COEF + bs, coef, mask=bmask)
-            if REDUCTION == 2:
-                tl.store(LOSS + bs, loss, mask=bmask)
-            else:
-                total += tl.where(bmask, loss, 0.0)
-        if REDUCTION != 2:
-            tl.store(LOSS, tl.sum(total, axis=0) * red_scale)
+        if is_last_program(COUNTER, part_stride):
+            _finalize(PART, LOSS, COEF, B, n_chunks, part_stride, n_float, scale, clip, red_scale,
+                      REDUCTION, BLOCK_B, BLOCK_C)
+            reset_ticket(COUNTER)
 
     @triton.jit
     def _backward_kernel(G, COEF, AV, BV, OUT, S, ST, s_val, st_val, s_stride, st_stride, g_stride, g_scale,
@@ -168,19 +180,20 @@ def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale
     coef = student_v.new_empty((batch,), dtype=torch.float32)
     block, chunk, n_chunks = reduce_sizes(n, batch, device)
     part = student_v.new_empty((4, batch, n_chunks), dtype=torch.float32)
-    rows = [as_rows(t) for t in (student_v, a_v, b_v, xt, xt_teacher)]
-    S, sv, ss, hs = sigma_launch_args(s_t, s, part)
+    sv, sv_bs = as_rows(student_v)
+    av, av_bs = as_rows(a_v)
+    bv, bv_bs = as_rows(b_v)
+    x, x_bs = as_rows(xt)
+    xtt, xtt_bs = as_rows(xt_teacher)
+    S, svv, ss, hs = sigma_launch_args(s_t, s, part)
     ST, stv, sts, hst = sigma_launch_args(st_t, st, part)
     block_b, block_c = finalize_block_sizes(batch, n_chunks)
     with lincomb._device_guard(student_v):
-        _partials_kernel[(n_chunks, batch)](
-            rows[0][0], rows[1][0], rows[2][0], rows[3][0], rows[4][0], part, S, ST, sv, stv, ss, sts,
-            rows[0][1], rows[1][1], rows[2][1], rows[3][1], rows[4][1], n, chunk, n_chunks, batch * n_chunks,
-            HAS_S=hs, HAS_ST=hst, BLOCK=block)
-        _finalize_kernel[(1,)](
-            part, loss, coef, batch, n_chunks, batch * n_chunks, float(n), float(scale), float(norm_clip_min),
-            1.0 / batch if reduction == "mean" else 1.0, REDUCTION=REDUCTIONS[reduction], BLOCK_B=block_b,
-            BLOCK_C=block_c)
+        _forward_kernel[(n_chunks, batch)](
+            sv, av, bv, x, xtt, part, loss, coef, ticket_counter(device), S, ST, svv, stv, ss, sts,
+            sv_bs, av_bs, bv_bs, x_bs, xtt_bs, n, chunk, n_chunks, batch, float(n), float(scale),
+            float(norm_clip_min), 1.0 / batch if reduction == "mean" else 1.0,
+            REDUCTIONS[reduction], HAS_S=hs, HAS_ST=hst, BLOCK=block, BLOCK_B=block_b, BLOCK_C=block_c)
     return loss, coef
 
 

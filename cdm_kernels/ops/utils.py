@@ -270,17 +270,48 @@ def reduce_sizes(n: int, batch: int = 1, device: torch.device | None = None) -> 
     return gpu_reduce_geometry(n, batch, sm_count(device))
 
 
-FINALIZE_MAX_TILE = 512  # elements per accumulator tile of the one-program finalize kernels (registers)
+# The finalize runs in the last program of a loss forward, beside the hot loop's registers: a fixed small tile
+# (4 samples x 32 chunks per step, 4 accumulator tiles of 128 fp32 = 4 registers each per thread at 4 warps)
+# keeps the fused kernel free of spills and adds no compile variants; it walks a few hundred partial sums.
+FINALIZE_TILE = (4, 32)
 
 
-@functools.lru_cache(maxsize=256)
 def finalize_block_sizes(batch: int, n_chunks: int) -> tuple[int, int]:
-    block_c = min(max(next_power_of_2(n_chunks), 2), 64)
-    block_b = min(max(next_power_of_2(batch), 2), max(2, FINALIZE_MAX_TILE // block_c))
-    return block_b, block_c
+    """(samples, chunks) per step of the finalize loop (fixed; tests shrink it to cover several steps)."""
+    return FINALIZE_TILE
 
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
+
+# ----------------------------------------------------------------------------- last-program finalize
+#
+# A loss forward is ONE launch: every program of the partial-sums grid stores its partials, then takes a
+# ticket from an int32 counter (atomic add); the program drawing the last ticket sums all partials (in a
+# fixed order: deterministic) and writes the loss, then resets the counter to zero. The counter is reused
+# across calls: one per (device, stream), since kernels on one stream never overlap, so a counter is always
+# back at zero when the next launch on its stream starts. Inside a CUDA-graph capture a fresh zeroed counter
+# is allocated instead (its zero fill is captured too): a graph may be replayed on any stream, concurrently
+# with eager work on the stream it was captured on.
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+_cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_cuda_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """A zero int32 for the last-program finalize of a launch on `device`'s current stream."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _cuda_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        key = (index, _cuda_raw_stream(index))
+    else:  # the interpreter runs programs one after the other
+        key = (device.type,)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 def loss_shape(batch: int, reduction: str) -> tuple[int, ...]:
@@ -360,3 +391,18 @@ if HAS_TRITON:
     @triton.jit
     def is_finite(x):
         return tl.abs(x) < float("inf")
+
+    @triton.jit
+    def is_last_program(COUNTER, n_programs):
+        """Take a ticket after this program's partial sums are stored; True for the last one of the grid.
+
+        The barrier orders every thread's stores of this program before the ticket; the atomic's acq_rel
+        semantics (GPU scope) publish them and, for the last program, make every other program's visible.
+        """
+        tl.debug_barrier()
+        ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+        return ticket == n_programs - 1
+
+    @triton.jit
+    def reset_ticket(COUNTER):
+        tl.atomic_xchg(COUNTER, 0, sem="relaxed")
