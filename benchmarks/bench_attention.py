@@ -197,7 +197,7 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
     """The FP8 kernel under each stored candidate launch config of this GPU (``_kernels.CONFIGS``; on the CPU, sm_90's
     set through the interpreter): which one should be the stored default. SQNR per config, since the blocks are
     part of the numerics."""
-    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+    from cdm_kernels.attention._kernels import config_label, kernel_configs, triton_fp8_attention
 
     cap = tuple(torch.cuda.get_device_capability()) if device == "cuda" else (9, 0)
     rows = []
@@ -209,7 +209,7 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
         flops = 4 * b * h * s * s * d
         for i, cfg in enumerate(kernel_configs(d, cap)):
             row = {"shape": name, "B": b, "S": s, "D": d, "sm": "{}{}".format(*cap), "stored_default": i == 0,
-                   "config": "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)}
+                   "config": config_label(cfg)}  # 'tma'/'ws' in the name: else two candidates share one
             try:
                 with torch.no_grad():
                     row["sqnr_db"] = round(sqnr_db(triton_fp8_attention(qs, ks, vs, d ** -0.5, cfg), exact), 2)
