@@ -50,7 +50,9 @@ def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
     SOFT_ROUND the value is first rounded onto the e4m3 grid with integer bit operations
     (after which the cast is exact). On the GPU the hardware cast rounds correctly.
     """
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    # NaN stays NaN (the twin's torch.clamp keeps it too): Triton's min/max default to dropping NaN, which would
+    # saturate a NaN input to +-448 and hand back a finite, wrong attention output. Finite values: unchanged.
+    x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL)
     if SOFT_ROUND:
         bits = x.to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
@@ -76,6 +78,9 @@ def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
 def _quantize_block_store(x, valid, dst_ptrs, scale_ptr, SOFT_ROUND: tl.constexpr):
     x = tl.where(valid, x, 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30)
+    # A NaN (or inf) in the block makes its scale NaN, as in the twin (torch's amax keeps NaN): max reductions on the
+    # GPU drop NaN, and a finite scale would quantise the NaN to +-448 and return a finite, wrong output.
+    amax += tl.sum(tl.sum(x * 0.0, axis=1), axis=0)
     x8 = _to_e4m3(x * (448.0 / amax), SOFT_ROUND)
     tl.store(dst_ptrs, x8)
     tl.store(scale_ptr, amax * (1.0 / 448.0))
