@@ -227,6 +227,23 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
     return rows
 
 
+def print_fp8_config_plan(capability: int | None, shapes) -> list[str]:
+    """The rows --fp8-configs would time: one line per shape and stored launch config of this GPU (default first)."""
+    from cdm_kernels.attention._kernels import config_label, kernel_configs
+
+    if capability is None:
+        capability = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] \
+            if torch.cuda.is_available() else 90
+    cap = divmod(capability, 10)
+    lines = []
+    for name, _b, h, s, d in shapes:
+        for i, cfg in enumerate(kernel_configs(d, cap)):
+            lines.append(f"fp8-config {name} (H={h} S={s} D={d}) sm_{capability}: {config_label(cfg)}"
+                         f"{' (stored default)' if i == 0 else ''}")
+    print("\n".join(lines))
+    return lines
+
+
 def _sd3_config(quick: bool) -> tuple[dict, dict]:
     if quick:  # tiny random-init SD3: 64 image + 13 text tokens, 2 heads of 64
         cfg = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64,
@@ -310,9 +327,18 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (GPU uses do_bench)")
     ap.add_argument("--fp8-configs", action="store_true",
                     help="with the attention section: also time the FP8 kernel under each stored launch config")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with --fp8-configs: print one line per (shape, stored launch config) the run would time, "
+                         "time nothing (checks the candidate set on a machine without the GPU)")
+    ap.add_argument("--capability", type=int, default=None, metavar="SM",
+                    help="with --dry-run: the GPU's compute capability, e.g. 90 (default: this GPU's, else 90)")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args(argv)
     quick = args.quick or args.device == "cpu"
+    if args.dry_run:
+        if not args.fp8_configs:
+            ap.error("--dry-run needs --fp8-configs")
+        return print_fp8_config_plan(args.capability, CPU_SHAPES if args.quick else GPU_SHAPES)
 
     env = {"torch": torch.__version__, "device": args.device}
     if args.device == "cuda":
