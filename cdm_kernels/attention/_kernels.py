@@ -18,7 +18,14 @@ Three kernels per call:
    FP8 wgmma accumulator keeps ~22 bits).
 
 Launch configs are stored per (arch, head dim) (``CONFIGS``; the first is the default, the rest
-the candidate set to time on a new GPU); sm_90 takes 128 x 128 tiles with 8 warps.
+the candidate set to time on a new GPU: ``bench_attention.py --fp8-configs``); sm_90 takes 128 x 128 tiles
+with 8 warps, its candidates 128 x 64, another stage count, and TMA tensor descriptors (``USE_TMA``). The key
+loop can be warp-specialised (``WARP_SPECIALIZE``, config key ``warp_specialize``), but triton 3.6/3.9 do not
+partition it on sm_90, so that variant is only compiled and reported (``PROBE_CONFIGS``); 192-row tiles are not
+expressible (power-of-two ``tl.arange``). See the comment above ``CONFIGS``.
+
+A NaN (or inf) in Q, K or V makes its quantisation block's scale NaN, so it reaches the output as in the twin
+(Triton's max reductions and min/max clamps drop NaN by default; a finite but wrong output would be worse).
 
 The quantisation scheme is specified by ``reference.fp8_attention_reference`` (same blocks,
 same roundings). Plain pointer arithmetic (tl.make_block_ptr is gone in triton 3.9) and an
