@@ -197,7 +197,7 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
     """The FP8 kernel under each stored candidate launch config of this GPU (``_kernels.CONFIGS``; on the CPU, sm_90's
     set through the interpreter): which one should be the stored default. SQNR per config, since the blocks are
     part of the numerics."""
-    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+    from cdm_kernels.attention._kernels import config_label, kernel_configs, triton_fp8_attention
 
     cap = tuple(torch.cuda.get_device_capability()) if device == "cuda" else (9, 0)
     rows = []
@@ -209,7 +209,7 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
         flops = 4 * b * h * s * s * d
         for i, cfg in enumerate(kernel_configs(d, cap)):
             row = {"shape": name, "B": b, "S": s, "D": d, "sm": "{}{}".format(*cap), "stored_default": i == 0,
-                   "config": "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)}
+                   "config": config_label(cfg)}  # 'tma'/'ws' in the name: else two candidates share one
             try:
                 with torch.no_grad():
                     row["sqnr_db"] = round(sqnr_db(triton_fp8_attention(qs, ks, vs, d ** -0.5, cfg), exact), 2)
@@ -225,6 +225,23 @@ def bench_fp8_configs(device: str, shapes, reps: int, ceilings: dict) -> list[di
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def print_fp8_config_plan(capability: int | None, shapes) -> list[str]:
+    """The rows --fp8-configs would time: one line per shape and stored launch config of this GPU (default first)."""
+    from cdm_kernels.attention._kernels import config_label, kernel_configs
+
+    if capability is None:
+        capability = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1] \
+            if torch.cuda.is_available() else 90
+    cap = divmod(capability, 10)
+    lines = []
+    for name, _b, h, s, d in shapes:
+        for i, cfg in enumerate(kernel_configs(d, cap)):
+            lines.append(f"fp8-config {name} (H={h} S={s} D={d}) sm_{capability}: {config_label(cfg)}"
+                         f"{' (stored default)' if i == 0 else ''}")
+    print("\n".join(lines))
+    return lines
 
 
 def _sd3_config(quick: bool) -> tuple[dict, dict]:
@@ -310,9 +327,18 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (GPU uses do_bench)")
     ap.add_argument("--fp8-configs", action="store_true",
                     help="with the attention section: also time the FP8 kernel under each stored launch config")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="with --fp8-configs: print one line per (shape, stored launch config) the run would time, "
+                         "time nothing (checks the candidate set on a machine without the GPU)")
+    ap.add_argument("--capability", type=int, default=None, metavar="SM",
+                    help="with --dry-run: the GPU's compute capability, e.g. 90 (default: this GPU's, else 90)")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args(argv)
     quick = args.quick or args.device == "cpu"
+    if args.dry_run:
+        if not args.fp8_configs:
+            ap.error("--dry-run needs --fp8-configs")
+        return print_fp8_config_plan(args.capability, CPU_SHAPES if args.quick else GPU_SHAPES)
 
     env = {"torch": torch.__version__, "device": args.device}
     if args.device == "cuda":

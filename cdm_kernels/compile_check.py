@@ -152,12 +152,11 @@ def exercise_attention(batch: int, heads: int, seq: int, head_dim: int, dtype, k
         v = torch.empty((batch, seq, heads, head_dim), dtype=dtype).transpose(1, 2)
         triton_int8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
     elif kind == "fp8-sm90":
-        from .attention._kernels import kernel_config, kernel_configs
+        from .attention._kernels import PROBE_CONFIGS, kernel_configs
 
-        # sm_90's stored default launch config (128 x 128 tiles) and its TMA candidate (tensor descriptors); plan()
-        # compiles these launches for sm_90 only.
-        tma = [c for c in kernel_configs(head_dim, (9, 0)) if c.get("tma")]
-        for cfg in [kernel_config(head_dim, (9, 0)), *tma]:
+        # Every stored sm_90 launch config (the default first, then the candidates the GPU run times) and the probes
+        # (compiled for their machine-code facts only); plan() compiles these launches for sm_90 only.
+        for cfg in [*kernel_configs(head_dim, (9, 0)), *PROBE_CONFIGS.get((90, head_dim), [])]:
             triton_fp8_attention(q, k, v, head_dim ** -0.5, cfg, soft_round=False)
     else:
         triton_fp8_attention(q, k, v, head_dim ** -0.5, soft_round=False)
@@ -259,7 +258,11 @@ def _compile_one(index: int) -> tuple[str | None, dict | None]:
         if not _REPORT[0]:
             compile_it()
             return None, None
-        return None, machine_code.analyse(compile_it, want_text=index in _ANCHORS)
+        info = machine_code.analyse(compile_it, want_text=index in _ANCHORS)
+        # the variant's intent, for the gates that check it came out (TMA copies) and the candidate table
+        info["use_tma"] = bool(kwargs.get("USE_TMA", False))
+        info["warp_specialize"] = bool(kwargs.get("WARP_SPECIALIZE", False))
+        return None, info
     except Exception as exc:  # the compiler's own error: reported, and the check goes on
         lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
         return " | ".join(lines[:4])[:500], None
@@ -430,6 +433,7 @@ def machine_code_report(infos: list, md_path: str | None) -> tuple[list[str], li
     if md_path:
         with open(md_path, "w") as f:
             f.write(mc.markdown_table(rows, triton.__version__))
+    candidates = candidate_rows(infos, stats)
     analysed = [info for info in infos if info is not None]
     stacks = sorted({(mc.kernel_label(_WORK[i][1]), info["stack"]) for i, info in enumerate(infos)
                      if info is not None and info["stack"]})
@@ -441,11 +445,64 @@ def machine_code_report(infos: list, md_path: str | None) -> tuple[list[str], li
         f"spills: {', '.join(f'{k} sm_{a} {b} B' for k, a, b in spills) or 'none'}; "
         f"stack frames: {', '.join(f'{k} {s} B' for k, s in stacks) or 'none'}",
     ]
+    if candidates:
+        regs = [r["regs"] for r in candidates]
+        summary.append(f"machine code: sm_90 FP8 attention launch configs: {len(candidates)} compiled "
+                       f"({len({r['config'] for r in candidates})} configs x head dims x EVEN_N), "
+                       f"{min(regs)}-{max(regs)} registers, spills {max(r['spill'] for r in candidates)} B max, "
+                       f"QGMMA in {sum(r['qgmma'] > 0 for r in candidates)}/{len(candidates)}, "
+                       f"warp-specialised partitions in {sum(r['ws_partitions'] > 0 for r in candidates)}/"
+                       f"{sum('ws' in r['config'].split() for r in candidates)} ws variants")
+        summary.extend(candidate_table(candidates, triton.__version__).rstrip("\n").splitlines())
     known = [f"{k} sm_{a} {b} B" for k, a, b in spills if b <= mc.known_spill_bytes(k, a)]
     if known:
         summary.append(f"machine code: accepted spills (machine_code.KNOWN_SPILLS, explained there): "
                        f"{', '.join(known)}")
     return failures, summary
+
+
+def candidate_rows(infos: list, stats: dict) -> list[dict]:
+    """One dict per compiled sm_90 FP8 attention launch config (stored default, candidate or probe), head dim and
+    EVEN_N: the machine-code facts the GPU run's timings of those configs are read against."""
+    from .attention._kernels import PROBE_CONFIGS, config_label, kernel_configs
+    from .machine_code import FP8_ATTENTION_KERNEL, kernel_label
+
+    rows = {}
+    for i, info in enumerate(infos):
+        arch, fn, kwargs, _bound, _spec, _opts = _WORK[i]
+        if info is None or arch != 90 or kernel_label(fn) != FP8_ATTENTION_KERNEL:
+            continue
+        cfg = {"BLOCK_M": kwargs["BLOCK_M"], "BLOCK_N": kwargs["BLOCK_N"], "num_warps": kwargs.get("num_warps", 4),
+               "num_stages": kwargs.get("num_stages", 3), "tma": bool(kwargs.get("USE_TMA")),
+               "warp_specialize": bool(kwargs.get("WARP_SPECIALIZE"))}
+        d = kwargs["D"]
+        label = config_label(cfg)
+        stored = [config_label(c) for c in kernel_configs(d, (9, 0))]
+        role = ("default" if label == stored[0] else "candidate" if label in stored
+                else "probe" if label in [config_label(c) for c in PROBE_CONFIGS.get((90, d), [])] else "other")
+        st = stats.get(i)
+        row = {"config": label, "role": role, "D": d, "EVEN_N": int(bool(kwargs["EVEN_N"])), "regs": info["regs"],
+               "spill": info["spill_stores"] + info["spill_loads"],
+               "smem": info["static_shared"] + info["dynamic_shared"], "warps": info["num_warps"],
+               "qgmma": st.matrix["QGMMA"] if st else -1, "ldgsts": st.async_copies["LDGSTS"] if st else -1,
+               "utmaldg": st.async_copies["UTMALDG"] if st else -1, "wgmma_waits": st.wgmma_waits if st else -1,
+               "cp_async_groups": info["ptx_cp_async_groups"], "ws_partitions": info["ws_partitions"]}
+        key = (d, row["EVEN_N"], label)
+        old = rows.get(key)  # several specialisations of one config: keep the worst (most registers)
+        if old is None or row["regs"] > old["regs"]:
+            rows[key] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def candidate_table(rows: list[dict], triton_version: str) -> str:
+    lines = ["| config | role | D | EVEN_N | triton | regs | spill B | smem B | warps | QGMMA | LDGSTS | UTMALDG "
+             "| wgmma waits (SASS) | cp.async groups (PTX) | ws partitions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['role']} | {r['D']} | {r['EVEN_N']} | {triton_version} | {r['regs']} "
+                     f"| {r['spill']} | {r['smem']} | {r['warps']} | {r['qgmma']} | {r['ldgsts']} | {r['utmaldg']} "
+                     f"| {r['wgmma_waits']} | {r['cp_async_groups']} | {r['ws_partitions']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

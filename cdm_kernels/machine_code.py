@@ -188,6 +188,15 @@ def analyse(compile_fn, want_text: bool) -> dict:
     info = resource_usage(cubin)
     info["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
     info["num_warps"] = int(kernel.metadata.num_warps)
+    # Warp-specialised partitions (tl.range(warp_specialize=True)) appear as ttg.warp_specialize ops in the TTGIR;
+    # a loop only marked {tt.warp_specialize} was left as it was. PTX facts of the pipelining: cp.async groups
+    # committed, TMA tensor copies, wgmma group waits.
+    ttgir = kernel.asm.get("ttgir", "")
+    info["ws_partitions"] = ttgir.count("ttg.warp_specialize")
+    ptx = kernel.asm.get("ptx", "")
+    info["ptx_cp_async_groups"] = ptx.count("cp.async.commit_group")
+    info["ptx_tma_loads"] = ptx.count("cp.async.bulk.tensor")
+    info["ptx_wgmma_waits"] = ptx.count("wgmma.wait_group")
     parsed = parse_ptxas_log(log) if log else None
     if parsed is None and info["stack"] > 0:  # a stack frame: spills or a local array; only ptxas can tell
         log = recompile_for_log(compile_fn)
@@ -253,6 +262,9 @@ class SassStats:
     # asynchronous global -> shared copies: LDGSTS (cp.async) and UTMALDG (TMA); what a multi-stage software
     # pipeline of K/V tiles compiles to
     async_copies: collections.Counter = field(default_factory=collections.Counter)
+    # WARPGROUP.DEPBAR: waits on outstanding wgmma groups (Hopper). Fewer waits than wgmma groups means MMAs are
+    # left in flight across other work; one wait per MMA means each MMA is waited for at once.
+    wgmma_waits: int = 0
     local_stores: int = 0
     local_loads: int = 0
     sincos_guards: int = 0  # FSETP against 105615: the branch into the Payne-Hanek slow path
@@ -298,6 +310,8 @@ def sass_stats(sass: str) -> SassStats:
         st.instructions += 1
         if base in ("LDGSTS", "UTMALDG"):
             st.async_copies[base] += 1
+        elif opcode.startswith("WARPGROUP.DEPBAR"):
+            st.wgmma_waits += 1
         if base in ("LDG", "LDGSTS"):
             st.loads[_width(opcode)] += 1
             st.constant_table_loads += ".CONSTANT" in opcode
@@ -341,6 +355,10 @@ def gate(label: str, arch: int, info: dict, stats: SassStats | None, aligned: bo
     if stats is not None and label == FP8_ATTENTION_KERNEL and arch >= 90 and not (
             stats.async_copies["LDGSTS"] or stats.async_copies["UTMALDG"]):
         fails.append(f"FP8 attention on sm_{arch} without asynchronous K/V copies (no LDGSTS/UTMALDG: not pipelined)")
+    if stats is not None and label == FP8_ATTENTION_KERNEL and arch >= 90 and info.get("use_tma") and not (
+            stats.async_copies["UTMALDG"]):
+        fails.append(f"FP8 attention TMA variant on sm_{arch} without UTMALDG (tensor descriptors lowered to plain "
+                     f"loads: copies {dict(stats.async_copies)})")
     if stats is not None and label == INT8_ATTENTION_KERNEL and arch < 90 and not stats.matrix["IMMA"]:
         fails.append(f"INT8 attention without IMMA on sm_{arch} (matrix ops {dict(stats.matrix)})")
     return fails

@@ -122,30 +122,55 @@ def test_kernel_matches_reference_twin():
     assert sqnr_db(ref, attention_float(q, k, v, softmax_scale=0.1).cpu()) >= 25.0
 
 
+def _sm90_interpreter_variants() -> list:
+    """(D, config) of every stored sm_90 launch config and probe, one per interpreter-visible variant: num_warps and
+    num_stages change nothing in the interpreter, so configs differing only there run once."""
+    if not HAS_TRITON:
+        return []
+    from cdm_kernels.attention._kernels import PROBE_CONFIGS, config_label, kernel_configs
+
+    seen, out = set(), []
+    for d in (64, 128):
+        for cfg in [*kernel_configs(d, (9, 0)), *PROBE_CONFIGS.get((90, d), [])]:
+            key = (d, cfg["BLOCK_M"], cfg["BLOCK_N"], bool(cfg.get("tma")), bool(cfg.get("warp_specialize")))
+            if key not in seen:
+                seen.add(key)
+                out.append(pytest.param(d, cfg, id=f"D{d}-{config_label(cfg).replace(' ', '-')}"))
+    return out
+
+
 @needs_triton
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("tma", [False, True])
-def test_sm90_stored_config_under_the_interpreter(d, tma):
-    """The sm_90 launch config (128 x 128 tiles, parallel K smoothing; and its TMA tensor-descriptor candidate)
-    through the interpreter: odd S, offset keys, a non-contiguous (B, S, H, D) view; the same roundings as the twin
-    with those blocks, >= 25 dB vs float64."""
-    from cdm_kernels.attention._kernels import kernel_config as sm_config
-    from cdm_kernels.attention._kernels import kernel_configs, triton_fp8_attention
+def test_sm90_stored_default_is_128x128_with_8_warps():
+    from cdm_kernels.attention._kernels import PROBE_CONFIGS, kernel_configs
     from cdm_kernels.attention.fp8_attention import reference_blocks
 
-    cfg = sm_config(d, (9, 0))
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (128, 128, 8) and not cfg.get("tma")
-    if tma:
-        cfg = next(c for c in kernel_configs(d, (9, 0)) if c.get("tma"))
-        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 128)
-    assert reference_blocks(d, (9, 0)) == {"block_m": 128, "block_n": 128}
-    s = 331  # three key blocks, the last one partial
+    for d in (64, 128):
+        cfgs = kernel_configs(d, (9, 0))
+        assert (cfgs[0]["BLOCK_M"], cfgs[0]["BLOCK_N"], cfgs[0]["num_warps"]) == (128, 128, 8)
+        assert not cfgs[0].get("tma") and not cfgs[0].get("warp_specialize")  # the default stays the plain loop
+        assert reference_blocks(d, (9, 0)) == {"block_m": 128, "block_n": 128}
+        assert any(c.get("tma") for c in cfgs)  # the TMA candidate is timed by the GPU run
+        # BLOCK_M is a tl.arange length: only powers of two compile (192-row tiles are not a config)
+        for cfg in [*cfgs, *PROBE_CONFIGS.get((90, d), [])]:
+            assert cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0 and cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize(("d", "cfg"), _sm90_interpreter_variants())
+def test_sm90_launch_configs_under_the_interpreter(d, cfg):
+    """Every sm_90 launch config (the default's 128 x 128 tiles, the candidates: 128 x 64, TMA tensor descriptors;
+    the warp-specialised probe) through the interpreter: odd S, offset keys, a non-contiguous (B, S, H, D) view; the
+    same roundings as the twin with the config's blocks, >= 25 dB vs float64; a NaN in the input reaches the output."""
+    from cdm_kernels.attention._kernels import triton_fp8_attention
+
+    blocks = {"block_m": cfg["BLOCK_M"], "block_n": cfg["BLOCK_N"]}
+    s = 331  # three 128-key blocks or six 64-key blocks, the last one partial
     g = torch.Generator().manual_seed(d)
     q, k, v = (torch.randn(1, s, 2, d, generator=g).transpose(1, 2) for _ in range(3))  # non-contiguous views
     with torch.no_grad():
         out = triton_fp8_attention(q, k, v, d ** -0.5, cfg)
         shifted = triton_fp8_attention(q, k + 8.0, v, d ** -0.5, cfg)
-    twin = fp8_attention_reference(q, k, v, **reference_blocks(d, (9, 0)))
+    twin = fp8_attention_reference(q, k, v, **blocks)
     assert torch.isfinite(out).all() and torch.isfinite(shifted).all()
     if INTERPRETED:  # (offset keys: the mean's summation order differs from the twin's and flips a rounding or two)
         assert sqnr_db(out, twin) >= 80.0
@@ -155,6 +180,14 @@ def test_sm90_stored_config_under_the_interpreter(d, tma):
     broken = out.clone()
     broken[0, 0, 5, 0] = float("nan")
     assert not sqnr_db(broken, twin) >= 25.0
+    # A NaN in one head's V is not hidden by the quantisation (a finite scale, a finite output); the other head,
+    # which never reads it, stays finite.
+    v_nan = v.clone()
+    v_nan[0, 1, s - 3, 7] = float("nan")  # in the last, partial key block
+    with torch.no_grad():
+        out_nan = triton_fp8_attention(q, k, v_nan, d ** -0.5, cfg)
+    assert torch.isnan(out_nan[0, 1]).any()
+    assert torch.isfinite(out_nan[0, 0]).all()
 
 
 @needs_triton

@@ -46,3 +46,28 @@ def test_acceptance_script_dry_run_writes_every_figure(tmp_path):
         assert any(r.get("figure") == "speedup_vs_compile" and r["provider"] == "cpp" for r in summary)
     env_record = next(r for r in summary if r.get("source") == "env.json")
     assert env_record["cuda_available"] is False and "diffusers" in env_record["optional"]
+
+
+def test_bench_attention_times_every_stored_fp8_launch_config_dry_run():
+    """The GPU run's --fp8-configs step (gpu_acceptance.sh) times one row per (shape, stored config of the GPU):
+    its dry run lists them without a GPU, the default first, the TMA candidate under its own name."""
+    import importlib.util as iu
+
+    from cdm_kernels.attention._kernels import config_label, kernel_configs
+
+    spec = iu.spec_from_file_location("bench_attention_dry", ROOT / "benchmarks" / "bench_attention.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "--fp8-configs" in (ROOT / "benchmarks" / "gpu_acceptance.sh").read_text()  # the GPU run asks for it
+    lines = bench.main(["--device", "cpu", "--fp8-configs", "--dry-run", "--capability", "90"])
+    expected = [(name, config_label(c)) for name, _b, _h, _s, d in bench.GPU_SHAPES for c in kernel_configs(d, (9, 0))]
+    assert len(lines) == len(expected) and len(lines) > len(bench.GPU_SHAPES)  # several candidates per shape
+    for line, (name, label) in zip(lines, expected):
+        assert line.startswith(f"fp8-config {name} ") and line.split(": ", 1)[1].startswith(label), line
+    assert sum("(stored default)" in ln for ln in lines) == len(bench.GPU_SHAPES)
+    assert any(ln.endswith(" tma") for ln in lines)
+    # a GPU without stored candidates (sm_89): one config per shape, its default
+    assert len(bench.main(["--device", "cpu", "--fp8-configs", "--dry-run", "--capability", "89"])) == len(
+        bench.GPU_SHAPES)
+    with pytest.raises(SystemExit):  # a dry run of nothing is a usage error
+        bench.main(["--device", "cpu", "--dry-run"])

@@ -1,5 +1,6 @@
 """The machine-code report's parsers and gates (cdm_kernels.machine_code), on checked-in SASS and one tiny compile."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -93,6 +94,7 @@ def test_ptxas_log_parser():
 
 
 TINY = '''
+import importlib.util
 import json
 import triton
 import triton.language as tl
@@ -135,3 +137,84 @@ def test_a_tiny_kernel_compiled_for_sm90_has_128_bit_accesses_only_when_aligned(
     assert "128" not in unaligned["loads"] and unaligned["loads"].get("32", 0) == 8
     for info in (aligned, unaligned):
         assert 0 < info["regs"] < 64 and info["stack"] == 0 and info["spill_stores"] == info["spill_loads"] == 0
+
+
+def test_tma_variant_gate_and_wgmma_wait_count():
+    fp8 = mc.FP8_ATTENTION_KERNEL
+    base = SNIPPET + "\n/*3000*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ;"
+    plain = mc.sass_stats(base + "\n/*3010*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR6][R2.64] ;"
+                          "\n/*3020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;")
+    assert plain.wgmma_waits == 1
+    # A TMA variant whose tensor descriptors came out as cp.async copies did not get what it was compiled for...
+    fails = mc.gate(fp8, 90, {**INFO, "use_tma": True}, plain, True)
+    assert any("without UTMALDG" in f for f in fails)
+    assert mc.gate(fp8, 90, {**INFO, "use_tma": False}, plain, True) == []  # ...the pointer variant did
+    tma = mc.sass_stats(base + "\n/*3010*/                   UTMALDG.2D [UR8], [UR10], desc[UR12] ;")
+    assert tma.async_copies["UTMALDG"] == 1 and mc.gate(fp8, 90, {**INFO, "use_tma": True}, tma, True) == []
+
+
+CANDIDATES = '''
+import json, sys
+import torch
+from cdm_kernels import compile_check as cc
+from cdm_kernels import machine_code as mc
+
+d = int(sys.argv[1])
+# The launches the package makes on an sm_90 GPU at one real shape (S = 4429: the last key block partial), recorded
+# and specialised like a GPU launch (the compile check's own path), for every stored config and probe.
+launches = []
+with cc.triton_on_cpu_tensors(), cc.recording(launches, [f"fp8-attention {cc.SM90_ONLY} D={d} S=4429"]):
+    cc.exercise_attention(1, 2, 4429, d, torch.bfloat16, "fp8-sm90")
+launches = [x for x in launches if x.fn.__name__ == "_fp8_attention_fwd_kernel"]
+cc.plan(launches, [90], report=True)
+cc._REPORT[0] = True
+results = [cc._compile_one(i) for i in range(len(cc._WORK))]
+assert not any(err for err, _info in results), results
+infos = [info for _err, info in results]
+sass = mc.disassemble_many(90, [info["text"] for info in infos])
+stats = {i: mc.sass_stats(text) for i, text in enumerate(sass)}
+rows = cc.candidate_rows(infos, stats)
+fails = [mc.gate(mc.FP8_ATTENTION_KERNEL, 90, info, stats[i], True) for i, info in enumerate(infos)]
+hot_local = [stats[i].hot_local + stats[i].local_stores + stats[i].local_loads for i in range(len(infos))]
+print(json.dumps({"rows": rows, "fails": fails, "local": hot_local, "ptx_tma": [i["ptx_tma_loads"] for i in infos],
+                  "compiled": len(infos)}))
+'''
+
+
+@pytest.mark.parametrize("d", [64])
+def test_every_sm90_fp8_attention_candidate_passes_the_machine_code_gates(tmp_path, d):
+    """Each stored sm_90 launch config (default and candidates) and the probe, compiled ahead for sm_90 with the
+    installed Triton at one shape (S not a multiple of the key block): FP8 wgmma (QGMMA), no spill and no local
+    memory, a register count within the 255 limit, the K/V copies asynchronous (cp.async, or TMA for the TMA
+    variants), and the wgmma waits in place."""
+    pytest.importorskip("triton")
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton without its NVIDIA backend")
+    script = tmp_path / "candidates.py"
+    script.write_text(textwrap.dedent(CANDIDATES))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script), str(d)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    from cdm_kernels.attention._kernels import PROBE_CONFIGS, config_label, kernel_configs
+
+    rows = out["rows"]
+    stored = [config_label(c) for c in kernel_configs(d, (9, 0))]
+    assert [r["config"] for r in rows if r["role"] in ("default", "candidate")] == sorted(stored)
+    assert {r["config"] for r in rows if r["role"] == "probe"} == {config_label(c) for c in PROBE_CONFIGS[(90, d)]}
+    assert out["fails"] == [[]] * out["compiled"]  # the report's gates: QGMMA, async K/V copies, UTMALDG for TMA
+    assert out["local"] == [0] * out["compiled"]  # no local memory at all (spills or stack arrays)
+    for r in rows:
+        assert r["qgmma"] > 0 and r["spill"] == 0, r
+        assert 0 < r["regs"] <= 255, r
+        assert r["wgmma_waits"] > 0, r  # wgmma is asynchronous: its results are waited for before the softmax
+        if "tma" in r["config"].split():
+            assert r["utmaldg"] > 0, r
+        else:
+            assert r["ldgsts"] > 0 and r["cp_async_groups"] >= 2, r  # cp.async stages
+    # the stored configs differ in machine code (no two candidates time the same kernel)
+    timed = [r for r in rows if r["role"] != "probe"]
+    assert len({(r["regs"], r["ldgsts"], r["utmaldg"], r["qgmma"], r["smem"]) for r in timed}) == len(timed)

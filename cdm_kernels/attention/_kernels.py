@@ -18,7 +18,14 @@ Three kernels per call:
    FP8 wgmma accumulator keeps ~22 bits).
 
 Launch configs are stored per (arch, head dim) (``CONFIGS``; the first is the default, the rest
-the candidate set to time on a new GPU); sm_90 takes 128 x 128 tiles with 8 warps.
+the candidate set to time on a new GPU: ``bench_attention.py --fp8-configs``); sm_90 takes 128 x 128 tiles
+with 8 warps, its candidates 128 x 64, another stage count, and TMA tensor descriptors (``USE_TMA``). The key
+loop can be warp-specialised (``WARP_SPECIALIZE``, config key ``warp_specialize``), but triton 3.6/3.9 do not
+partition it on sm_90, so that variant is only compiled and reported (``PROBE_CONFIGS``); 192-row tiles are not
+expressible (power-of-two ``tl.arange``). See the comment above ``CONFIGS``.
+
+A NaN (or inf) in Q, K or V makes its quantisation block's scale NaN, so it reaches the output as in the twin
+(Triton's max reductions and min/max clamps drop NaN by default; a finite but wrong output would be worse).
 
 The quantisation scheme is specified by ``reference.fp8_attention_reference`` (same blocks,
 same roundings). Plain pointer arithmetic (tl.make_block_ptr is gone in triton 3.9) and an
@@ -50,7 +57,9 @@ def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
     SOFT_ROUND the value is first rounded onto the e4m3 grid with integer bit operations
     (after which the cast is exact). On the GPU the hardware cast rounds correctly.
     """
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    # NaN stays NaN (the twin's torch.clamp keeps it too): Triton's min/max default to dropping NaN, which would
+    # saturate a NaN input to +-448 and hand back a finite, wrong attention output. Finite values: unchanged.
+    x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL)
     if SOFT_ROUND:
         bits = x.to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
@@ -76,6 +85,9 @@ def _to_e4m3(x, SOFT_ROUND: tl.constexpr):
 def _quantize_block_store(x, valid, dst_ptrs, scale_ptr, SOFT_ROUND: tl.constexpr):
     x = tl.where(valid, x, 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-30)
+    # A NaN (or inf) in the block makes its scale NaN, as in the twin (torch's amax keeps NaN): max reductions on the
+    # GPU drop NaN, and a finite scale would quantise the NaN to +-448 and return a finite, wrong output.
+    amax += tl.sum(tl.sum(x * 0.0, axis=1), axis=0)
     x8 = _to_e4m3(x * (448.0 / amax), SOFT_ROUND)
     tl.store(dst_ptrs, x8)
     tl.store(scale_ptr, amax * (1.0 / 448.0))
@@ -183,6 +195,7 @@ def _fp8_attention_fwd_kernel(
     S, H, S_PAD_M, S_PAD_N, N_BLK_M, N_BLK_N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_N: tl.constexpr, SOFT_ROUND: tl.constexpr, USE_TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -217,13 +230,25 @@ def _fp8_attention_fwd_kernel(
     n_full = N_BLK_N if EVEN_N else N_BLK_N - 1
     k_row0 = (bh * S_PAD_N).to(tl.int32)
     vt_row = (bh * D).to(tl.int32)
-    for j in range(0, n_full):
-        key_idx = j * BLOCK_N + offs_n
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc, vt_desc,
-            k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, tl.load(ks_base + j), tl.load(vs_base + j), key_idx, S,
-            False, SOFT_ROUND, USE_TMA,
-        )
+    if WARP_SPECIALIZE:
+        # Triton's automatic warp specialisation of the key loop (producer warps issue the K/V loads, consumer
+        # warpgroups the MMAs and the softmax). A separate loop rather than tl.range(warp_specialize=...) on the
+        # shared one, so the default configs compile exactly the loop they were measured with.
+        for j in tl.range(0, n_full, warp_specialize=True):
+            key_idx = j * BLOCK_N + offs_n
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc,
+                vt_desc, k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, tl.load(ks_base + j), tl.load(vs_base + j),
+                key_idx, S, False, SOFT_ROUND, USE_TMA,
+            )
+    else:
+        for j in range(0, n_full):
+            key_idx = j * BLOCK_N + offs_n
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, q_scale, kt_base + key_idx[None, :] * D, vt_base + key_idx[None, :], k_desc,
+                vt_desc, k_row0 + j * BLOCK_N, vt_row, j * BLOCK_N, tl.load(ks_base + j), tl.load(vs_base + j),
+                key_idx, S, False, SOFT_ROUND, USE_TMA,
+            )
     if not EVEN_N:
         j = N_BLK_N - 1
         key_idx = j * BLOCK_N + offs_n
@@ -237,10 +262,12 @@ def _fp8_attention_fwd_kernel(
     tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(offs_m < S)[:, None])
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> dict:
+def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False, ws: bool = False) -> dict:
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if tma:  # Q, K and V^T tiles through TMA tensor descriptors (sm_90) instead of pointer loads (cp.async)
         cfg["tma"] = True
+    if ws:  # the key loop as tl.range(..., warp_specialize=True)
+        cfg["warp_specialize"] = True
     return cfg
 
 
@@ -250,10 +277,32 @@ def _cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> dict:
 # blocks; the reference twin takes them from here). sm_90: 128 x 128 tiles with 8 warps (two warpgroups of 64 rows
 # each issuing m64n128 / m64nD wgmma), 3 stages at D=64 and 2 at D=128 (shared memory: a K and a V^T tile per
 # stage). Untimed on a GPU so far (the H200 figures in RESULTS_gpu.md are of the 128 x 64 config).
+#
+# Candidates considered and left out (2026-12-06, triton 3.6.0 and 3.9.0, sm_90, compile check):
+# - 192 x 128 tiles at D=64 (FA3's Hopper tile): not expressible. BLOCK_M is a tl.arange length and a tensor dimension,
+#   and Triton requires both to be powers of two ("arange's range must be a power of 2", both versions). A 192-row
+#   tile would need three 64-row sub-tiles written out by hand: a different kernel, not a launch config.
+# - tl.range(..., warp_specialize=True) on the key loop (WARP_SPECIALIZE below, with or without TMA): compiles with
+#   both Tritons for sm_90 but is not applied. The TTGIR keeps the loop attribute and gets no ttg.warp_specialize
+#   partitions, 8 warps stay 8, and the PTX equals the unspecialised kernel's but for line info (both Tritons document
+#   warp specialisation as Blackwell-first and "simple matmul loops" only; a plain TMA matmul loop *is* partitioned on
+#   sm_90 by both, so the check can see it). Timing it would time the TMA candidate twice; PROBE_CONFIGS keeps it
+#   compiled and reported (compile_check --report: "ws partitions") so a Triton that partitions it shows up.
 CONFIGS: dict[tuple[int, int], list[dict]] = {
     (90, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3, tma=True)],
     (90, 128): [_cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2, tma=True)],
 }
+# Compiled and reported by the compile check, never launched by default nor timed (see above).
+PROBE_CONFIGS: dict[tuple[int, int], list[dict]] = {
+    (90, 64): [_cfg(128, 128, 8, 3, tma=True, ws=True)],
+    (90, 128): [_cfg(128, 128, 8, 2, tma=True, ws=True)],
+}
+
+
+def config_label(cfg: dict) -> str:
+    """'128x128 w8 s3 tma ws': one name per launch config (bench rows, compile-check report)."""
+    flags = "".join(f" {name}" for key, name in (("tma", "tma"), ("warp_specialize", "ws")) if cfg.get(key))
+    return "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg) + flags
 
 
 def _ensure_tma_allocator() -> None:
@@ -329,24 +378,27 @@ def triton_fp8_attention(q, k, v, softmax_scale: float, config: dict | None = No
     # The interpreter's fp32 -> bf16 cast truncates: keep fp32 there and let torch round.
     o = _output_like(q, torch.float32) if (soft and q.dtype != torch.float32) else out
     use_tma = bool(cfg.get("tma", False))
+    use_ws = bool(cfg.get("warp_specialize", False))
     if use_tma and dev.type == "cuda" and not INTERPRET:
         _ensure_tma_allocator()
     _fp8_attention_fwd_kernel[(n_blk_m, bh)](
         q8, k8, v8t, q_scale, k_scale, v_scale, o, *o.stride(),
         s, h, s_pad_m, s_pad_n, n_blk_m, n_blk_n,
         D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=(s % bn == 0), SOFT_ROUND=soft, USE_TMA=use_tma,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WARP_SPECIALIZE=use_ws, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if o is not out:
         out.copy_(o)
     return out
 
 
-def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", even_n: bool = False) -> dict:
+def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", even_n: bool = False,
+                config: dict | None = None, asm: str = "ptx"):
     """Compile both kernels for a CUDA target without a GPU (needs triton's bundled ptxas).
 
-    Returns {"colsum": ptx, "quantize": ptx, "attention": ptx}, compiled with the stored config of
-    (capability, head_dim). Only outside the interpreter (TRITON_INTERPRET=0
+    Returns {"colsum": ptx, "quantize": ptx, "attention": ptx}, compiled with `config` or else the stored
+    default config of (capability, head_dim); asm="kernel": the compiled kernels themselves (their .asm holds
+    ptx and cubin, .metadata the launch facts). Only outside the interpreter (TRITON_INTERPRET=0
     when this module was imported). Lets CPU-only CI check that the GPU code path compiles, and
     whether the FP8 MMAs came out as wgmma (sm_90) or mma (sm_89).
     """
@@ -355,7 +407,7 @@ def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", e
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = kernel_config(head_dim, divmod(capability, 10))
+    cfg = config or kernel_config(head_dim, divmod(capability, 10))
     target = GPUTarget("cuda", capability, 32)
 
     def build(fn, ptr_types: dict, scalars: dict, consts: dict, options: dict) -> str:
@@ -368,7 +420,8 @@ def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", e
             else:
                 sig[name] = scalars.get(name, "i32")
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        return triton.compile(src, target=target, options=options).asm["ptx"]
+        kernel = triton.compile(src, target=target, options=options)
+        return kernel if asm == "kernel" else kernel.asm[asm]
 
     f8 = {n: "*fp8e4nv" for n in ("q8_ptr", "k8_ptr", "v8t_ptr")}
     f32 = {n: "*fp32" for n in ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr")}
@@ -377,7 +430,8 @@ def aot_compile(capability: int = 90, head_dim: int = 64, dtype: str = "bf16", e
                    {"D": head_dim, "BLOCK_N": cfg["BLOCK_N"]}, {"num_warps": 4})
     quant = build(_quantize_qkv_kernel, {**{n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr")}, **f8, **f32,
                                          "k_part_ptr": "*fp32"}, {"q_mult": "fp32"}, blocks, {"num_warps": 4})
-    consts = {**blocks, "EVEN_N": even_n, "USE_TMA": bool(cfg.get("tma", False))}
+    consts = {**blocks, "EVEN_N": even_n, "USE_TMA": bool(cfg.get("tma", False)),
+              "WARP_SPECIALIZE": bool(cfg.get("warp_specialize", False))}
     attn = build(_fp8_attention_fwd_kernel, {**f8, **f32, "o_ptr": f"*{dtype}"}, {}, consts,
                  {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     return {"colsum": colsum, "quantize": quant, "attention": attn}
