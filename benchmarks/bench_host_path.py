@@ -80,6 +80,35 @@ def cases():
     ]
 
 
+class _EmptyLoss(torch.autograd.Function):
+    """A loss that computes nothing: saves its input, returns an empty scalar, an empty gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
+def autograd_floor_us(runs: int, calls: int) -> float:
+    """Host cost of `loss = Function.apply(leaf); loss.backward()` with empty forward and backward.
+
+    Every fused loss pays it (the autograd node, the engine, the scalar's ones_like gradient, the leaf's
+    gradient accumulation), whatever its kernels: the floor under the forward+backward rows.
+    """
+    leaf = torch.zeros(SHAPE, requires_grad=True)
+
+    def run():
+        _EmptyLoss.apply(leaf).backward()
+        leaf.grad = None
+
+    run()
+    return statistics.median(one_run_us(run, calls) for _ in range(runs))
+
+
 def one_run_us(fn, calls: int) -> float:
     t0 = time.thread_time()
     for _ in range(calls):
@@ -117,10 +146,16 @@ def main(argv=None) -> int:
         rows.append({"op": name, "pass": kind, "fused_us": round(fused, 2), "eager_reference_us": round(eager, 2),
                      "launches": launches, "target_us": target,
                      "meets_target": fused <= target and fused < eager})
+    floor = autograd_floor_us(args.runs, args.calls)
+    rows.append({"op": "autograd floor (empty Function)", "pass": "fwd+bwd", "fused_us": round(floor, 2),
+                 "eager_reference_us": None, "launches": 0, "target_us": None, "meets_target": None})
     print(f"host path per call, launches stubbed (median of {args.runs} runs x {args.calls} calls; "
           f"torch {torch.__version__}, shape {SHAPE}, 1 thread)")
     print(f"{'op':30s} {'pass':8s} {'fused us':>9s} {'eager ref us':>13s} {'launches':>9s} {'target':>7s}  ok")
     for r in rows:
+        if r["target_us"] is None:  # the floor row: no reference, no target
+            print(f"{r['op']:30s} {r['pass']:8s} {r['fused_us']:9.1f} {'-':>13s} {r['launches']:9d} {'-':>7s}  -")
+            continue
         print(f"{r['op']:30s} {r['pass']:8s} {r['fused_us']:9.1f} {r['eager_reference_us']:13.1f} "
               f"{r['launches']:9d} {r['target_us']:7.0f}  {'yes' if r['meets_target'] else 'NO'}")
     if args.json:

@@ -145,8 +145,10 @@ else
   TWO_STREAMS="tests/test_graphs.py::test_gpu_concurrent_replay_on_two_streams_equals_sequential"
   TWO_STREAMS_OVERLAPPED="tests/test_graphs.py::test_gpu_run_overlapped_first_call_captures_sequentially"
   step pytest_gpu_two_streams 120 "$PY" -m pytest -v -p no:cacheprovider -rs "$TWO_STREAMS" "$TWO_STREAMS_OVERLAPPED"
+  # The one-launch loss forwards (last program finalizes; issue 25): memory ordering, graph replay, two streams.
+  step pytest_gpu_single_launch 150 "$PY" -m pytest -v -p no:cacheprovider -rs tests/test_ops_single_launch_gpu.py
   step pytest_gpu 240 "$PY" -m pytest -v -m gpu -p no:cacheprovider -rs --durations 10 tests/ \
-    --deselect "$TWO_STREAMS" --deselect "$TWO_STREAMS_OVERLAPPED"
+    --deselect "$TWO_STREAMS" --deselect "$TWO_STREAMS_OVERLAPPED" --ignore tests/test_ops_single_launch_gpu.py
 fi
 if [ "$DRY" = 0 ]; then
   step bench_ops_compile 150 "$PY" benchmarks/bench_ops.py --device cuda --quick \
