@@ -688,8 +688,9 @@ def main(argv=None) -> int:
             if item["preset"] not in wanted:
                 continue
             pure = [r for r in item["rows"] if " mixed " not in r["plan"]]  # a rerun replaces earlier mixed rows
+            earlier = [r for r in item["rows"] if " mixed " in r["plan"]] if not args.set else []
             item["rows"] = pure + mixed_rows(item["preset"], item["batch"], item["steps"], pure, args.resolution,
-                                             args.set)
+                                             args.set, earlier)
             item["predicted_ms"] = {r["plan"]: r["predicted_median_ms"] for r in item["rows"]}
             item["peak_gib"] = {r["plan"]: r["peak_gib"] for r in item["rows"]}
             print("\n".join(["", *plan_lines(item["preset"], item["batch"], item["rows"], item["steps"])]), flush=True)
@@ -799,14 +800,35 @@ MIXED_BASE = {"none": "fast + compiled blocks, no checkpointing",
               "full": "fast + compiled blocks + FP8 teacher linears, full"}
 
 
-def plan_blocks(preset: str) -> int:
-    """Repeated blocks of the student at full depth (a meta-device build: shapes only)."""
-    from cdm_train.blocks import network_blocks
+# Device memory as torch reports it (total_memory), what train.grad_checkpointing=auto plans against.
+GPU_TOTAL_GIB = {"H100 80GB": 79.1, "H200 141GB": 139.8}
+
+
+def plan_shape(preset: str, batch: int) -> tuple[int, int, int]:
+    """(blocks, tokens, width) of the student at full depth, as memory_plan.activation_shape sees it (a meta-device
+    build: shapes only)."""
     from cdm_train.config import make_config
+    from cdm_train.memory_plan import activation_shape
     from cdm_train.models.build import build_models
 
-    cfg = make_config(preset, overrides=config_overrides(preset, 1, None, 1024))
-    return len(network_blocks(build_models(cfg, torch.device("meta")).student))
+    cfg = make_config(preset, overrides=config_overrides(preset, batch, None, 1024))
+    return activation_shape(build_models(cfg, torch.device("meta")), batch)
+
+
+def plan_blocks(preset: str) -> int:
+    """Repeated blocks of the student at full depth."""
+    return plan_shape(preset, 1)[0]
+
+
+def auto_plan_for(preset: str, batch: int, rows: list[dict], gpu: str) -> str:
+    """What train.grad_checkpointing=auto itself picks on `gpu` under FSDP2 x 8 (memory_plan.choose_plan_from:
+    its own activation constants, the largest of three models, and 10% headroom of the device's total), with this
+    table's model state (model_state_gib of the full-checkpointing row) sharded over 8."""
+    from cdm_train.memory_plan import choose_plan_from
+
+    blocks, tokens, width = plan_shape(preset, batch)
+    state = model_state_gib({r["plan"]: r for r in rows}[MIXED_BASE["full"]]) / 8 * GiB
+    return choose_plan_from(state, blocks, batch * tokens * width, GPU_TOTAL_GIB[gpu] * GiB).plan
 
 
 def mixed_plan_for(rows: list[dict], blocks: int, gpu: str) -> tuple[str, float] | None:
@@ -838,7 +860,7 @@ def mixed_plan_for(rows: list[dict], blocks: int, gpu: str) -> tuple[str, float]
 
 
 def mixed_rows(preset: str, batch: int, steps: list[int], rows: list[dict], resolution: int = 1024,
-               extra: list[str] | None = None) -> list[dict]:
+               extra: list[str] | None = None, earlier: list[dict] | None = None) -> list[dict]:
     """The mixed plans chosen for each GPU of GPU_GIB (mixed_plan_for), run for real on the fake tensors like
     every other row (the checkpointing per block is installed by the trainer: train.grad_checkpointing=<plan>)."""
     blocks = plan_blocks(preset)
@@ -849,9 +871,18 @@ def mixed_rows(preset: str, batch: int, steps: list[int], rows: list[dict], reso
             chosen.setdefault(pick[0], []).append(f"{gpu} ({pick[1]:.0f} GiB interpolated)")
             print(f"  mixed plan for {preset}, FSDP2 x 8, {gpu}: {pick[0]} (per-GPU peak interpolated from the pure "
                   f"rows: {pick[1]:.1f} GiB)", file=sys.stderr, flush=True)
+    for gpu in GPU_GIB:  # and what auto picks with its own, more cautious estimate (when it differs)
+        plan = auto_plan_for(preset, batch, rows, gpu)
+        if "+" in plan:
+            chosen.setdefault(plan, []).append(f"train.grad_checkpointing=auto on {gpu}")
+            print(f"  auto's plan for {preset}, FSDP2 x 8, {gpu}: {plan}", file=sys.stderr, flush=True)
     out = []
+    done = {r["grad_checkpointing"]: r for r in (earlier or [])}
     for plan, gpus in chosen.items():
         name = f"fast + compiled blocks + FP8 teacher linears, mixed {plan} (chosen for {', '.join(gpus)})"
+        if plan in done:  # run by an earlier --mixed-from on the same pure rows: relabelled, not rerun
+            out.append({**done[plan], "plan": name})
+            continue
         over = ["speed.compile_blocks=true", f"train.grad_checkpointing={plan}", "speed.fp8_linear_teacher=true"]
         summary = summarise(run_mode(preset, "fast", steps, batch, None, resolution, over + list(extra or []),
                                      official_plan=True))
