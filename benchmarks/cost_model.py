@@ -249,7 +249,7 @@ class CompiledBlocks:
         return self.no_grad if pass_ == "forward no-grad" else self.grad
 
     @classmethod
-    def load(cls, family: str, policy: str, path: Path = COMPILED_BLOCK_TRAFFIC) -> CompiledBlocks:
+    def load(cls, family: str, policy: str, path: Path = COMPILED_BLOCK_TRAFFIC, blocks: int = 0) -> CompiledBlocks:
         data = json.loads(path.read_text())["blocks"]
         keys = [k for k in FAMILY_BLOCKS.get(family, FAMILY_BLOCKS["sd3"]) if k in data] or list(data)[:1]
 
@@ -257,7 +257,18 @@ class CompiledBlocks:
             rows = [data[k][entry] for k in keys]
             return (statistics.fmean(r["bytes_ratio"] for r in rows), statistics.fmean(r["launch_ratio"] for r in rows))
 
-        return cls(no_grad=mean("none/no_grad"), grad=mean(f"{policy}/grad"))
+        from cdm_train.memory_plan import parse_plan
+
+        mixed = parse_plan(policy)
+        if mixed is None:
+            return cls(no_grad=mean("none/no_grad"), grad=mean(f"{policy}/grad"))
+        # A mixed plan (k of `blocks` blocks on the cheaper policy): the block-count-weighted mean of its two
+        # policies' grad ratios. The CostMode reprices by pass, not by block, so this is an approximation; the
+        # per-policy ratios differ by < 0.05 (SD3: none 0.63, selective 0.59, full 0.62).
+        cheap, expensive, k = mixed
+        (cb, cl), (eb, el) = mean(f"{cheap}/grad"), mean(f"{expensive}/grad")
+        w = k / blocks if blocks else 0.0
+        return cls(no_grad=mean("none/no_grad"), grad=(w * cb + (1 - w) * eb, w * cl + (1 - w) * el))
 
 
 class ModelledSwitches:
@@ -454,13 +465,16 @@ def run_mode(preset: str, mode_name: str, steps: list[int], batch: int, layers: 
     # a dispatch mode, and torchao does nothing on a CPU "device".
     if cfg.train.grad_checkpointing == "auto":  # what auto picks on the fake tensors' CPU "device"
         cfg.train.grad_checkpointing = "none"
-    compiled = CompiledBlocks.load(family, cfg.train.grad_checkpointing) if cfg.speed.compile_blocks else None
+    models = build_models(cfg, torch.device("meta"))  # real modules, meta tensors: shapes only
+    from cdm_train.blocks import network_blocks
+
+    compiled = (CompiledBlocks.load(family, cfg.train.grad_checkpointing, blocks=len(network_blocks(models.student)))
+                if cfg.speed.compile_blocks else None)
     fp8_linears = cfg.speed.fp8_linear_teacher
     cfg.speed.compile_blocks = cfg.speed.fp8_linear_teacher = False
     cost = CostMode(attention_tflops(model), compiled)
     iterations = []
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    models = build_models(cfg, torch.device("meta"))  # real modules, meta tensors: shapes only
     with contextlib.ExitStack() as stack:
         stack.enter_context(fused_ops_on_fake_tensors())
         stack.enter_context(real_host_draws(length_from_host_generator))
@@ -650,6 +664,9 @@ def main(argv=None) -> int:
                    "which plan fits an 80 GB H100 and a 141 GB H200")
     p.add_argument("--plan-models", default=",".join(PLAN_MODELS), help="with --plans: which presets")
     p.add_argument("--plans-from", metavar="JSON", help="print the plan tables of an earlier --plans --json file")
+    p.add_argument("--mixed-from", metavar="JSON", help="the mixed checkpointing plans (first k blocks on a cheaper "
+                   "policy) chosen for each GPU from the pure rows of an earlier --plans --json file, run for the "
+                   "--plan-models found there and added to their tables (--json writes the merged file)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("reference", "fast") for m in modes):
@@ -663,6 +680,22 @@ def main(argv=None) -> int:
     if args.plans_from:
         for item in json.loads(Path(args.plans_from).read_text()):
             print("\n".join(["", *plan_lines(item["preset"], item["batch"], item["rows"], item["steps"])]))
+        return 0
+    if args.mixed_from:
+        items = json.loads(Path(args.mixed_from).read_text())
+        wanted = {m.strip() for m in args.plan_models.split(",") if m.strip()}
+        for item in items:
+            if item["preset"] not in wanted:
+                continue
+            pure = [r for r in item["rows"] if " mixed " not in r["plan"]]  # a rerun replaces earlier mixed rows
+            earlier = [r for r in item["rows"] if " mixed " in r["plan"]] if not args.set else []
+            item["rows"] = pure + mixed_rows(item["preset"], item["batch"], item["steps"], pure, args.resolution,
+                                             args.set, earlier)
+            item["predicted_ms"] = {r["plan"]: r["predicted_median_ms"] for r in item["rows"]}
+            item["peak_gib"] = {r["plan"]: r["peak_gib"] for r in item["rows"]}
+            print("\n".join(["", *plan_lines(item["preset"], item["batch"], item["rows"], item["steps"])]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(items, indent=1, default=float))
         return 0
     if args.plans:
         out = []
@@ -757,6 +790,107 @@ def plan_rows(preset: str, batch: int, steps: list[int], resolution: int = 1024,
         print(f"  modelled: {preset} | {name}: {summary['predicted_median_ms']:.0f} ms, peak "
               f"{summary['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
     return rows
+
+
+# The pure rows whose per-GPU peaks (FSDP2 x 8) a mixed plan interpolates between: compiled blocks + FP8 teacher
+# linears (the fastest configuration; FP8 teacher linears do not change the activations), and compiled blocks
+# without checkpointing (there is no FP8 row without checkpointing; same activations).
+MIXED_BASE = {"none": "fast + compiled blocks, no checkpointing",
+              "selective": "fast + compiled blocks + FP8 teacher linears, selective",
+              "full": "fast + compiled blocks + FP8 teacher linears, full"}
+
+
+# Device memory as torch reports it (total_memory), what train.grad_checkpointing=auto plans against.
+GPU_TOTAL_GIB = {"H100 80GB": 79.1, "H200 141GB": 139.8}
+
+
+def plan_shape(preset: str, batch: int) -> tuple[int, int, int]:
+    """(blocks, tokens, width) of the student at full depth, as memory_plan.activation_shape sees it (a meta-device
+    build: shapes only)."""
+    from cdm_train.config import make_config
+    from cdm_train.memory_plan import activation_shape
+    from cdm_train.models.build import build_models
+
+    cfg = make_config(preset, overrides=config_overrides(preset, batch, None, 1024))
+    return activation_shape(build_models(cfg, torch.device("meta")), batch)
+
+
+def plan_blocks(preset: str) -> int:
+    """Repeated blocks of the student at full depth."""
+    return plan_shape(preset, 1)[0]
+
+
+def auto_plan_for(preset: str, batch: int, rows: list[dict], gpu: str) -> str:
+    """What train.grad_checkpointing=auto itself picks on `gpu` under FSDP2 x 8 (memory_plan.choose_plan_from:
+    its own activation constants, the largest of three models, and 10% headroom of the device's total), with this
+    table's model state (model_state_gib of the full-checkpointing row) sharded over 8."""
+    from cdm_train.memory_plan import choose_plan_from
+
+    blocks, tokens, width = plan_shape(preset, batch)
+    state = model_state_gib({r["plan"]: r for r in rows}[MIXED_BASE["full"]]) / 8 * GiB
+    return choose_plan_from(state, blocks, batch * tokens * width, GPU_TOTAL_GIB[gpu] * GiB).plan
+
+
+def mixed_plan_for(rows: list[dict], blocks: int, gpu: str) -> tuple[str, float] | None:
+    """The mixed plan (FSDP2 x 8) that memory_plan's rule picks on `gpu` from this table's measured pure rows:
+    for each pair of policies the largest k whose per-GPU peak, interpolated linearly per block between the two
+    pure rows (peak(k) = peak[expensive] + k / blocks x (peak[cheap] - peak[expensive])), stays under the usable
+    memory (GPU_GIB, the criterion of the table's "fits"), then the least modelled recompute
+    (memory_plan.recompute_cost). Returns (plan, interpolated per-GPU GiB), or None when a pure plan is as good
+    (no mixed plan fits, or a pure plan that fits has the least recompute)."""
+    from cdm_train.memory_plan import PAIRS, recompute_cost
+
+    by_name = {r["plan"]: r for r in rows}
+    if any(name not in by_name for name in MIXED_BASE.values()):
+        return None
+    peak = {policy: fsdp_gib(by_name[name]) for policy, name in MIXED_BASE.items()}
+    usable = GPU_GIB[gpu]
+    candidates = {p: peak[p] for p in peak if peak[p] <= usable}
+    for cheap, expensive in PAIRS:
+        per_block = (peak[cheap] - peak[expensive]) / blocks
+        if peak[expensive] > usable or per_block <= 0:
+            continue
+        k = min(blocks, int((usable - peak[expensive]) / per_block))
+        if 0 < k < blocks:
+            candidates[f"{cheap}+{expensive}:{k}"] = peak[expensive] + k * per_block
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda plan: recompute_cost(plan, blocks))
+    return None if "+" not in best else (best, candidates[best])
+
+
+def mixed_rows(preset: str, batch: int, steps: list[int], rows: list[dict], resolution: int = 1024,
+               extra: list[str] | None = None, earlier: list[dict] | None = None) -> list[dict]:
+    """The mixed plans chosen for each GPU of GPU_GIB (mixed_plan_for), run for real on the fake tensors like
+    every other row (the checkpointing per block is installed by the trainer: train.grad_checkpointing=<plan>)."""
+    blocks = plan_blocks(preset)
+    chosen: dict[str, list[str]] = {}
+    for gpu in GPU_GIB:
+        pick = mixed_plan_for(rows, blocks, gpu)
+        if pick is not None:
+            chosen.setdefault(pick[0], []).append(f"{gpu} ({pick[1]:.0f} GiB interpolated)")
+            print(f"  mixed plan for {preset}, FSDP2 x 8, {gpu}: {pick[0]} (per-GPU peak interpolated from the pure "
+                  f"rows: {pick[1]:.1f} GiB)", file=sys.stderr, flush=True)
+    for gpu in GPU_GIB:  # and what auto picks with its own, more cautious estimate (when it differs)
+        plan = auto_plan_for(preset, batch, rows, gpu)
+        if "+" in plan:
+            chosen.setdefault(plan, []).append(f"train.grad_checkpointing=auto on {gpu}")
+            print(f"  auto's plan for {preset}, FSDP2 x 8, {gpu}: {plan}", file=sys.stderr, flush=True)
+    out = []
+    done = {r["grad_checkpointing"]: r for r in (earlier or [])}
+    for plan, gpus in chosen.items():
+        name = f"fast + compiled blocks + FP8 teacher linears, mixed {plan} (chosen for {', '.join(gpus)})"
+        if plan in done:  # run by an earlier --mixed-from on the same pure rows: relabelled, not rerun
+            out.append({**done[plan], "plan": name})
+            continue
+        over = ["speed.compile_blocks=true", f"train.grad_checkpointing={plan}", "speed.fp8_linear_teacher=true"]
+        summary = summarise(run_mode(preset, "fast", steps, batch, None, resolution, over + list(extra or []),
+                                     official_plan=True))
+        summary["plan"] = name
+        out.append(summary)
+        print(f"  modelled: {preset} | {name}: {summary['predicted_median_ms']:.0f} ms, peak "
+              f"{summary['peak_gib']:.1f} GiB", file=sys.stderr, flush=True)
+    return out
 
 
 def model_state_gib(s: dict) -> float:

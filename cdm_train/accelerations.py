@@ -11,9 +11,9 @@ ones did, and no later step may undo an earlier one:
    row-wise layers (or their PyTorch emulation, `speed.fp8_linear_emulate`). Before compile, so that the
    activation quantisation fuses into the previous op inside the compiled block (uncompiled, FP8 linears
    are slower than bf16).
-3. **Activation checkpointing** (`train.grad_checkpointing`: auto | none | full | selective; auto: the fastest
-   plan that fits the GPU, memory_plan.py) of the student's and fake teacher's blocks, installed inside each
-   block (cdm_kernels.graphs.checkpointing), so that
+3. **Activation checkpointing** (`train.grad_checkpointing`: auto | none | full | selective | a mixed plan such
+   as selective+full:12; auto: the fastest plan that fits the GPU, memory_plan.py) of the student's and fake
+   teacher's blocks, installed inside each block (cdm_kernels.graphs.checkpointing), so that
 4. **Regional compile** (`speed.compile_blocks`) of every network's transformer blocks traces the
    checkpoint too and plans the recomputation (torchtitan: checkpointing, then compile, then sharding).
 5. **DDP / FSDP2** (`train.parallel`): wraps or shards the networks whose blocks are now final.
@@ -54,7 +54,9 @@ class Applied:
     """What apply_accelerations did, step by step (for the log and for tests)."""
 
     steps: dict[str, list[str]] = field(default_factory=lambda: {name: [] for name in ORDER})
-    checkpointing: str = "none"  # the activation-checkpointing policy in force (train.grad_checkpointing=auto resolved)
+    # the activation-checkpointing plan in force (train.grad_checkpointing=auto resolved): a policy name or a mixed
+    # plan such as "selective+full:16"
+    checkpointing: str = "none"
 
     def add(self, step: str, line: str) -> None:
         self.steps[step].append(line)
@@ -99,13 +101,26 @@ def apply_checkpointing(cfg: Config, models: Models, applied: Applied, *, ema: E
     applied.checkpointing = policy
     if policy == "none":
         return
+    from .memory_plan import parse_plan, plan_policies
+
     for name, net in (("student", models.student), ("fake", models.fake)):
         blocks = network_blocks(net)
         if not blocks:
             raise ConfigError(f"train.grad_checkpointing: {type(net).__name__} ({name}) has no transformer blocks "
                               "to checkpoint")
-        n = checkpoint_blocks(blocks, policy)
-        applied.add("checkpointing", f"{name}: {policy} ({n} blocks)")
+        try:
+            policies = plan_policies(policy, len(blocks))
+        except ValueError as exc:  # a mixed plan's k beyond this network's depth
+            raise ConfigError(f"train.grad_checkpointing: {exc}") from None
+        n = checkpoint_blocks(blocks, policies)
+        mixed = parse_plan(policy)
+        if mixed is None:
+            applied.add("checkpointing", f"{name}: {policy} ({n} blocks)")
+        else:
+            cheap, expensive, k = mixed
+            applied.add("checkpointing", f"{name}: {policy} (blocks 0-{k - 1} {cheap}, {k}-{len(blocks) - 1} "
+                        f"{expensive}, of {len(blocks)})" if 0 < k < len(blocks) else
+                        f"{name}: {policy} (all {len(blocks)} blocks {cheap if k else expensive})")
 
 
 def apply_compile(cfg: Config, models: Models, ema: EMA | None, applied: Applied) -> None:

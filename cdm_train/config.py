@@ -267,6 +267,22 @@ def _section(cfg: Config, name: str, key: str):
 
 
 # Renamed keys: old name -> new name (read with a warning, so old config files and checkpoints keep working).
+def _is_checkpointing_plan(value) -> bool:
+    from .memory_plan import parse_plan  # lazily: memory_plan imports torch
+
+    try:
+        parse_plan(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _plan_syntax() -> str:
+    from .memory_plan import PLAN_SYNTAX
+
+    return PLAN_SYNTAX
+
+
 RENAMED_KEYS = {"speed.compile_student": "speed.compile_blocks"}
 
 
@@ -474,8 +490,8 @@ def validate(cfg: Config) -> None:
              "must be inductor, aot_eager or eager")
     _require(not sp.fp8_linear_emulate or sp.fp8_linear_teacher, "speed.fp8_linear_emulate",
              "emulates speed.fp8_linear_teacher; set that too")
-    _require(t.grad_checkpointing in ("auto", "none", "full", "selective"), "train.grad_checkpointing",
-             "must be auto, none, full or selective")
+    _require(t.grad_checkpointing == "auto" or _is_checkpointing_plan(t.grad_checkpointing),
+             "train.grad_checkpointing", f"must be {_plan_syntax()}, got {t.grad_checkpointing!r}")
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(0 <= t.seed < 2**62, "train.seed", "must be in [0, 2**62)")

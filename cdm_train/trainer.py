@@ -84,8 +84,9 @@ class Trainer:
             return contextlib.nullcontext()
         # Selective checkpointing replays the block's ops in backward and matches them one by one against the
         # forward's; autocast's weight-cast cache would make the forward skip casts (cached by an earlier call in
-        # the same region) that the recomputation, in a fresh autocast region, must redo: off for that policy.
-        cache = self.accelerations.checkpointing != "selective"
+        # the same region) that the recomputation, in a fresh autocast region, must redo: off for that policy,
+        # and for mixed plans with selective blocks (none+selective:k, selective+full:k).
+        cache = "selective" not in self.accelerations.checkpointing
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
     @property

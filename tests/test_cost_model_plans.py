@@ -102,3 +102,34 @@ def test_compiled_block_traffic_table_is_complete():
                 r = data[key][entry]
                 assert 0 < r["compiled_bytes"] < r["eager_bytes"]  # inductor never adds traffic over eager
                 assert r["bytes_ratio"] == pytest.approx(r["compiled_bytes"] / r["eager_bytes"])
+
+
+def test_mixed_plan_runs_between_its_two_pure_plans():
+    """selective+full:1 of 2 blocks: the full block re-runs its matmuls in backward (fewer than all-full), the
+    peak sits between the two pure plans; the compiled ratios are the block-weighted mean of the two."""
+    big = dict(batch=8, resolution=512)
+    selective = _run("train.grad_checkpointing=selective", **big)
+    full = _run("train.grad_checkpointing=full", **big)
+    mixed = _run("train.grad_checkpointing=selective+full:1", **big)
+    assert mixed["grad_checkpointing"] == "selective+full:1"
+    b = {name: s["tflop_by_pass"]["backward"] for name, s in (("s", selective), ("f", full), ("m", mixed))}
+    assert b["s"] < b["m"] < b["f"]
+    assert selective["peak_gib"] >= mixed["peak_gib"] >= full["peak_gib"]
+    assert selective["peak_gib"] > full["peak_gib"]
+    sel, ful = cm.CompiledBlocks.load("sd3", "selective"), cm.CompiledBlocks.load("sd3", "full")
+    half = cm.CompiledBlocks.load("sd3", "selective+full:1", blocks=2)
+    assert half.grad[0] == pytest.approx((sel.grad[0] + ful.grad[0]) / 2) and half.no_grad == sel.no_grad
+
+
+def test_mixed_plan_for_takes_the_largest_k_that_fits_and_the_least_recompute():
+    def row(name, peak):  # model state 30 GiB as above: FSDP2 x 8 per GPU = 3.75 + (peak - 30)
+        return {"plan": name, "predicted_median_ms": 1.0, "peak_gib": peak, "build_gib": 10.0,
+                "student_params": cm.GiB, "ms_by_kind": {}}
+
+    # per GPU: none 243.75, selective 123.75, full 13.75 GiB over 24 blocks (selective - full: 4.58 per block)
+    rows = [row(cm.MIXED_BASE["none"], 270), row(cm.MIXED_BASE["selective"], 150), row(cm.MIXED_BASE["full"], 40)]
+    plan, gib = cm.mixed_plan_for(rows, 24, "H100 80GB")
+    assert plan == "selective+full:13" and gib <= cm.GPU_GIB["H100 80GB"] < gib + 110 / 24
+    plan, gib = cm.mixed_plan_for(rows, 24, "H200 141GB")  # selective fits; 2 blocks without checkpointing too
+    assert plan == "none+selective:2" and gib <= cm.GPU_GIB["H200 141GB"]
+    assert cm.mixed_plan_for([row(cm.MIXED_BASE["none"], 40)] + rows[1:], 24, "H100 80GB") is None  # none fits

@@ -1,8 +1,10 @@
 """Activation checkpointing of transformer blocks, placed so that `torch.compile` sees it.
 
 ``checkpoint_blocks(blocks, "full" | "selective")`` makes every block recompute its activations in
-backward. It is installed *inside* each block (the block's class is swapped for a subclass whose
-``forward`` runs the original under ``torch.utils.checkpoint``), not around the call as diffusers'
+backward; ``checkpoint_blocks(blocks, ["selective"] * k + ["full"] * (len(blocks) - k))`` gives each block its
+own policy (the mixed plans of ``train.grad_checkpointing``, as torchtitan checkpoints only some layers).
+It is installed *inside* each block (the block's class is swapped for a subclass whose ``forward`` runs
+the original under ``torch.utils.checkpoint``), not around the call as diffusers'
 ``enable_gradient_checkpointing`` does, for three reasons:
 
 - a regionally compiled block (regional.py) then traces the checkpoint too, so inductor plans the
@@ -81,24 +83,33 @@ def _checkpointed_subclass(cls: type) -> type:
     return sub
 
 
-def checkpoint_blocks(blocks, policy: str) -> int:
+def checkpoint_blocks(blocks, policy) -> int:
     """Install activation checkpointing `policy` ("none" | "full" | "selective") in every module of `blocks`,
-    in place; returns how many blocks it applies to. "none" removes a previously installed policy."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
+    in place; returns how many blocks it applies to. "none" removes a previously installed policy.
+
+    `policy` may also be a sequence with one policy per block (a mixed plan: e.g. the first k blocks
+    selective, the rest full). Each block carries its own policy, so nothing else changes; all policies
+    are validated before any block is touched."""
+    blocks = list(blocks)
+    policies = [policy] * len(blocks) if isinstance(policy, str) else list(policy)
+    if len(policies) != len(blocks):
+        raise ValueError(f"policy: {len(policies)} policies for {len(blocks)} blocks")
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"policy: must be one of {', '.join(POLICIES)}, got {p!r}")
     count = 0
-    for block in blocks:
+    for block, p in zip(blocks, policies):
         if not isinstance(block, torch.nn.Module):
             raise ValueError(f"blocks: expected nn.Module items, got {type(block).__name__}")
         base = getattr(type(block), "_cdm_checkpointed_base", None)
-        if policy == "none":
+        if p == "none":
             if base is not None:
                 block.__class__ = base
                 del block._cdm_checkpoint
             continue
         if base is None:
             block.__class__ = _checkpointed_subclass(type(block))
-        block._cdm_checkpoint = policy
+        block._cdm_checkpoint = p
         count += 1
     return count
 
