@@ -214,3 +214,20 @@ def test_losses_reject_bad_arguments(backend):
             ck.flow_matching_loss(t[0], make((3, 6)), seed=1)
         with pytest.raises(ValueError, match="offset"):
             ck.flow_matching_loss(t[0], t[1], seed=1, offset=-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_of_samples_with_no_elements_are_nan_like_the_reference(backend):
+    # (B, 0): a one-launch forward has no program to finalize; the loss must still be written (NaN, the
+    # reference's mean over nothing), never left uninitialised, and the backward gives an empty gradient.
+    t = [torch.randn(3, 0, device=DEVICE) for _ in range(5)]
+    for reduction in REDUCTIONS:
+        want = ref.dm_loss(*t, 0.5, 0.7, reduction=reduction)
+        v = t[0].clone().requires_grad_(True)
+        with ck.use_backend(backend):
+            got = ck.dm_loss(v, *t[1:], 0.5, 0.7, reduction=reduction)
+            fm = ck.flow_matching_loss(t[0], t[1], seed=3, reduction=reduction)
+        assert got.shape == want.shape and torch.isnan(got).all() and torch.isnan(want).all()
+        assert fm.shape == want.shape and torch.isnan(fm).all()
+        got.sum().backward()
+        assert v.grad.shape == v.shape

@@ -50,7 +50,7 @@ def test_gpu_one_launch_forward_equals_the_reference_call_after_call():
             torch.testing.assert_close(fm.double(), fm_want, rtol=2e-4, atol=1e-6)
     from cdm_kernels.ops.utils import ticket_counter
 
-    assert ticket_counter(dev).item() == 0
+    assert ticket_counter(dev, cached=True).item() == 0  # the eager path's counter, reset by every launch
 
 
 @pytest.mark.gpu(timeout_s=120)
@@ -90,3 +90,25 @@ def test_gpu_one_launch_forwards_on_two_streams_at_once():
             main.wait_stream(side)
             torch.testing.assert_close(a.double(), want_a, rtol=2e-4, atol=1e-6)
             torch.testing.assert_close(b.double(), want_b, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.gpu(timeout_s=300)
+def test_gpu_losses_under_torch_compile_with_cuda_graph_trees():
+    # mode="reduce-overhead": inductor's warm-up runs inside the CUDA-graph memory pool, then records and replays.
+    # The custom op (what compiled code calls) takes a fresh counter per call, never the eager path's cached one
+    # (a long-lived tensor allocated in that pool would trip the tree's memory checks, or be overwritten).
+    dev = torch.device("cuda")
+
+    def losses(t, s, st):
+        return (ck.dm_loss(*t, s, st, reduction="none"),
+                ck.flow_matching_loss(t[0], t[1], seed=7, reduction="none"))
+
+    compiled = torch.compile(losses, mode="reduce-overhead", fullgraph=True)
+    with ck.use_backend("triton"):
+        for seed in range(5):  # warm-up, recording, then replays with fresh inputs
+            t, s, st = _inputs(4, seed, dev)
+            dm, fm = compiled(t, s, st)
+            torch.testing.assert_close(dm.double(), _want(t, s, st), rtol=2e-4, atol=1e-6)
+            noise = ck.renoise(torch.zeros_like(t[0]), 1.0, seed=7)
+            fm_want = ref.flow_matching_loss(t[0].double(), t[1].double(), noise.double(), reduction="none")
+            torch.testing.assert_close(fm.double(), fm_want, rtol=2e-4, atol=1e-6)

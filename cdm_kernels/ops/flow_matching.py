@@ -12,6 +12,8 @@ inputs only (no full-size temporaries).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import lincomb
@@ -111,10 +113,12 @@ if HAS_TRITON:
         tl.store(OUT + b64 * N + i, to_output(grad, ROUND_BF16).to(OUT.dtype.element_ty), mask=mask)
 
 
-def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
+def _forward_triton(pred_v, x0, noise, seed, offset, reduction, cached_counter=False):
     batch = pred_v.shape[0]
     n = row_size(pred_v)
     loss = pred_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
+    if n == 0:  # no program to launch (and none to finalize): NaN, as the reference's mean over nothing
+        return loss.fill_(float("nan"))
     block, chunk, n_chunks = reduce_sizes(n, batch, pred_v.device)
     part = pred_v.new_empty((batch, n_chunks), dtype=torch.float32)
     pr, p_bs = as_rows(pred_v)
@@ -122,11 +126,10 @@ def _forward_triton(pred_v, x0, noise, seed, offset, reduction):
     nr, n_bs = as_rows(noise) if noise is not None else (pr, 0)
     block_b, block_c = finalize_block_sizes(batch, n_chunks)
     with lincomb._device_guard(pred_v):
-        _forward_kernel[(n_chunks, batch)](pr, xr, nr, part, loss, ticket_counter(pred_v.device), p_bs, x_bs, n_bs,
-                                           n, chunk, n_chunks, batch, float(n),
-                                           1.0 / batch if reduction == "mean" else 1.0, max(int(seed), 0),
-                                           int(offset), REDUCTIONS[reduction], HAS_NOISE=noise is not None,
-                                           BLOCK=block, BLOCK_B=block_b, BLOCK_C=block_c)
+        _forward_kernel[(n_chunks, batch)](
+            pr, xr, nr, part, loss, ticket_counter(pred_v.device, cached_counter), p_bs, x_bs, n_bs, n, chunk,
+            n_chunks, batch, float(n), 1.0 / batch if reduction == "mean" else 1.0, max(int(seed), 0), int(offset),
+            REDUCTIONS[reduction], HAS_NOISE=noise is not None, BLOCK=block, BLOCK_B=block_b, BLOCK_C=block_c)
     return loss
 
 
@@ -177,7 +180,8 @@ def _make_backward(ns: str):
 
 flow_matching_backward_op = define_op("flow_matching_backward", BACKWARD_SCHEMA, _backward_triton, _backward_fake)
 flow_matching_op = define_op("flow_matching", SCHEMA, _forward_triton, _forward_fake, _setup_context,
-                             _make_backward, grad_args=(0,))
+                             _make_backward, grad_args=(0,),
+                             eager_impl=functools.partial(_forward_triton, cached_counter=True))
 
 
 def make_public(ns: str):

@@ -26,6 +26,8 @@ Backward: one elementwise launch reading a_v and b_v, writing the gradient of st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import lincomb
@@ -172,12 +174,15 @@ if HAS_TRITON:
         tl.store(OUT + b64 * N + i, to_output(grad, ROUND_BF16).to(OUT.dtype.element_ty), mask=mask)
 
 
-def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, norm_clip_min, reduction):
+def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale, norm_clip_min, reduction,
+                    cached_counter=False):
     batch = student_v.shape[0]
     device = student_v.device
     n = row_size(student_v)
     loss = student_v.new_empty(loss_shape(batch, reduction), dtype=torch.float32)
     coef = student_v.new_empty((batch,), dtype=torch.float32)
+    if n == 0:  # no program to launch (and none to finalize): NaN, as the reference's mean over nothing
+        return loss.fill_(float("nan")), coef.fill_(float("nan"))
     block, chunk, n_chunks = reduce_sizes(n, batch, device)
     part = student_v.new_empty((4, batch, n_chunks), dtype=torch.float32)
     sv, sv_bs = as_rows(student_v)
@@ -190,7 +195,7 @@ def _forward_triton(student_v, a_v, b_v, xt, xt_teacher, s_t, s, st_t, st, scale
     block_b, block_c = finalize_block_sizes(batch, n_chunks)
     with lincomb._device_guard(student_v):
         _forward_kernel[(n_chunks, batch)](
-            sv, av, bv, x, xtt, part, loss, coef, ticket_counter(device), S, ST, svv, stv, ss, sts,
+            sv, av, bv, x, xtt, part, loss, coef, ticket_counter(device, cached_counter), S, ST, svv, stv, ss, sts,
             sv_bs, av_bs, bv_bs, x_bs, xtt_bs, n, chunk, n_chunks, batch, float(n), float(scale),
             float(norm_clip_min), 1.0 / batch if reduction == "mean" else 1.0,
             REDUCTIONS[reduction], HAS_S=hs, HAS_ST=hst, BLOCK=block, BLOCK_B=block_b, BLOCK_C=block_c)
@@ -254,7 +259,8 @@ def _make_backward(ns: str):
 score_difference_backward_op = define_op("score_difference_backward", BACKWARD_SCHEMA, _backward_triton,
                                          _backward_fake)
 score_difference_op = define_op("score_difference", SCHEMA, _forward_triton, _forward_fake, _setup_context,
-                                _make_backward, grad_args=(0, 3))
+                                _make_backward, grad_args=(0, 3),
+                                eager_impl=functools.partial(_forward_triton, cached_counter=True))
 
 
 def make_public(ns: str):

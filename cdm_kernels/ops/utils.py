@@ -120,16 +120,18 @@ def eager_path(t: torch.Tensor) -> bool:
 
 def define_op(name: str, schema: str, triton_impl: Callable, fake: Callable,
               setup_context: Callable | None = None, make_backward: Callable | None = None,
-              grad_args: tuple[int, ...] = ()):
+              grad_args: tuple[int, ...] = (), eager_impl: Callable | None = None):
     """Define ``cdm_kernels::name`` (Triton) and attach fake/autograd to ``cdm_kernels_cpp::name``.
 
     ``make_backward(ns)`` returns the backward function for the ops of namespace ``ns``. Also defines the
     eager twin ``ops_namespace(EAGER).name``: the implementation called directly, through a
     ``torch.autograd.Function`` with the same setup_context/backward (whose backward calls the eager twins)
-    when one of the inputs at ``grad_args`` requires a gradient. The public functions use it when
+    when one of the inputs at ``grad_args`` requires a gradient (``eager_impl``, when given, replaces the
+    implementation there: the loss forwards reuse a cached ticket counter only on this path). The public
+    functions use it when
     ``eager_path`` allows; compiled code, fake tensors and dispatch modes always get the custom op.
     """
-    _define_eager(name, triton_impl, setup_context, make_backward, grad_args)
+    _define_eager(name, eager_impl or triton_impl, setup_context, make_backward, grad_args)
     op = torch.library.custom_op(f"{NS_TRITON}::{name}", triton_impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if make_backward is not None:
@@ -288,19 +290,24 @@ REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 #
 # A loss forward is ONE launch: every program of the partial-sums grid stores its partials, then takes a
 # ticket from an int32 counter (atomic add); the program drawing the last ticket sums all partials (in a
-# fixed order: deterministic) and writes the loss, then resets the counter to zero. The counter is reused
-# across calls: one per (device, stream), since kernels on one stream never overlap, so a counter is always
-# back at zero when the next launch on its stream starts. Inside a CUDA-graph capture a fresh zeroed counter
-# is allocated instead (its zero fill is captured too): a graph may be replayed on any stream, concurrently
-# with eager work on the stream it was captured on.
+# fixed order: deterministic) and writes the loss, then resets the counter to zero. In plain eager code (the
+# fast path) the counter is reused across calls: one per (device, stream), since kernels on one stream never
+# overlap, so a counter is always back at zero when the next launch on its stream starts. Everywhere else a
+# fresh zeroed counter per call (one small fill): inside a CUDA-graph capture (a graph may be replayed on any
+# stream, concurrently with eager work on the stream it was captured on) and on the custom-op path that
+# compiled code takes (torch.compile's CUDA-graph trees run warm-ups inside the graph memory pool, where a
+# long-lived cached tensor would be an unaccounted allocation that a later replay may overwrite).
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
 _cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _cuda_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
-def ticket_counter(device: torch.device) -> torch.Tensor:
-    """A zero int32 for the last-program finalize of a launch on `device`'s current stream."""
+def ticket_counter(device: torch.device, cached: bool) -> torch.Tensor:
+    """A zero int32 for the last-program finalize of a launch on `device`'s current stream (see above:
+    `cached` only on the eager fast path)."""
+    if not cached:
+        return torch.zeros(1, dtype=torch.int32, device=device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if _cuda_capturing():
