@@ -70,7 +70,7 @@ def _eval_args(sub) -> None:
     v.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
     v.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)")
     v.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
-    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _progress_args(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default: digits teacher -> 4-step student, with a quality report")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--quick", action="store_true", help="a shortened run (for smoke tests)")
+    _progress_args(d)
 
     tt = sub.add_parser("train-teacher", help="train the digits teacher (flow matching on sklearn digits)")
     tt.add_argument("--out", default="runs/digits_teacher.pt",
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     tt.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1, as the shipped teacher was trained)")
-    tt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _progress_args(tt)
 
     e = sub.add_parser("encode-prompts", help="precompute text embeddings (SD3 / Flux text encoders) for training",
                        description="Encode a prompt file with the pipeline's own text encoders into sharded "
@@ -178,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="print the traceback of an error, not only its message")
     return parser
+
+
+def _progress_args(parser) -> None:
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not "
+                     "a terminal, e.g. a cluster job's log file)")
+    bar.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+
+
+def _bars(args) -> bool:
+    """Progress bars: --progress / --no-progress, else only on a terminal (no carriage returns in log files)."""
+    if getattr(args, "progress", False):
+        return True
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def _train_config(args, default_preset: str = "digits"):
@@ -335,7 +350,7 @@ def cmd_eval(args) -> int:
     from .evaluation.runner import EvalOptions, evaluate
 
     opts = EvalOptions(**{k: getattr(args, k) for k in EvalOptions.__dataclass_fields__ if k != "progress"},
-                       progress=not args.no_progress)
+                       progress=_bars(args))
     report = evaluate(opts)
     for row in report.get("rows", []):
         metrics = ", ".join(f"{k} {row[k]:.4g}" for k in ("fid", "clip_score") if row.get(k) is not None)
@@ -348,7 +363,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, progress=_bars(args), print_report=True)
     return 0
 
 
@@ -357,7 +372,7 @@ def cmd_train_teacher(args) -> int:
 
     if args.threads < 1:
         raise ConfigError("--threads must be >= 1")
-    kwargs = {"seed": args.seed, "num_threads": args.threads, "progress": not args.no_progress}
+    kwargs = {"seed": args.seed, "num_threads": args.threads, "progress": _bars(args)}
     if args.steps is not None:
         if args.steps < 1:
             raise ConfigError("--steps must be >= 1")

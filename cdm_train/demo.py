@@ -102,8 +102,11 @@ def _report_md(report: dict[str, Any]) -> str:
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, *, teacher_path: str | Path | None = None,
              overrides: list[str] | None = None, per_class: int | None = None, seed: int = 0,
-             progress: bool = True, num_threads: int | None = 1) -> dict[str, Any]:
+             progress: bool = True, num_threads: int | None = 1, print_report: bool | None = None) -> dict[str, Any]:
     """Teacher -> CDM distillation (digits preset) -> evaluation; writes report.json, samples.png, report.md.
+
+    progress: tqdm bars (off: the distillation logs plain lines instead, for log files); print_report: the
+    report table on stdout at the end (default: with the bars).
 
     quick: a shortened run (QUICK_TRAIN_STEPS iterations, QUICK_PER_CLASS samples per class), as in
     tests/test_demo.py. `overrides` ("section.key=value") go on top of the digits preset. num_threads: torch
@@ -115,12 +118,13 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, *, teacher_p
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress)
+        return _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress,
+                         progress if print_report is None else print_report)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress) -> dict[str, Any]:
+def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress, print_report) -> dict[str, Any]:
     from .digits import load_teacher
     from .digits.eval import EVAL_GUIDANCE_SCALE, EVAL_PER_CLASS, TEACHER_EVAL_STEPS, DigitsEvaluator, generate
     from .images import save_grid
@@ -168,7 +172,7 @@ def _run_demo(out_dir, quick, teacher_path, overrides, per_class, seed, progress
     report["wall_clock_s"] = time.perf_counter() - start
     (out / "report.json").write_text(json_dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_report_md(report))
-    if progress:
+    if print_report:
         print(_report_md(report))
         print(f"wrote {out / 'report.json'}, {out / 'samples.png'}, {out / 'report.md'}")
     return report

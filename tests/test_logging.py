@@ -124,3 +124,35 @@ def test_progress_flags(flag, expected):
 
     argv = ["train", "--preset", "tiny"] + ([flag] if flag else [])
     assert _train_config(build_parser().parse_args(argv)).train.progress is expected
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("command", ["demo", "train-teacher"])
+@pytest.mark.parametrize("tty, flags, bars", [(False, [], False), (True, [], True), (False, ["--progress"], True),
+                                              (True, ["--no-progress"], False)])
+def test_demo_and_teacher_bars_only_on_a_terminal_unless_asked(monkeypatch, tmp_path, command, tty, flags, bars):
+    # `make demo` into a log file (CI, a cluster job) must not fill it with carriage-return bars; the demo still
+    # prints its report table.
+    from cdm_train import cli, demo, digits
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(digits, "train_teacher", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(cli.sys, "stderr", _Stream(tty))
+    assert cli.main([command, "--out", str(tmp_path / "out"), *flags]) == 0
+    assert seen["progress"] is bars
+    if command == "demo":
+        assert seen["print_report"] is True
