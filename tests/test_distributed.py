@@ -270,11 +270,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     from cdm_train.trainer import Trainer
 
     grads = []
-    for policy in ("none", "full", "selective"):
-        cfg = _config(tmp_path / policy, f"train.grad_checkpointing={policy}")
+    for policy in ("none", "full", "selective", "selective+full:1"):
+        cfg = _config(tmp_path / policy.replace(":", "_"), f"train.grad_checkpointing={policy}")
         tr = Trainer(cfg, models=_perturbed_models(cfg))
         for net in (tr.models.student, tr.models.fake):
-            assert {checkpoint_policy(b) for b in find_blocks(net)} == {policy}
+            policies = [checkpoint_policy(b) for b in find_blocks(net)]
+            if "+" in policy:  # the mixed plan: the first block selective, the others full
+                assert len(policies) >= 2 and policies[0] == "selective" and set(policies[1:]) == {"full"}
+            else:
+                assert set(policies) == {policy}
         _explicit_step(tr, _explicit_batch(tr.models))
         grads.append(tr._last_student_grads)
     for other in grads[1:]:
@@ -283,8 +287,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 def _compiled_worker(rank: int, world: int, store: str, tmp: str, mode: str) -> None:
-    """Compiled blocks (+ selective checkpointing) under DDP / FSDP2: the same losses as the eager run, no graph
-    break, and compile before wrapping (the blocks FSDP shards are the compiled ones)."""
+    """Compiled blocks (+ a mixed checkpointing plan: one block selective, the rest full) under DDP / FSDP2: the
+    same losses as the eager run, no graph break, and compile before wrapping (the blocks FSDP shards are the
+    compiled ones)."""
     from torch._dynamo.utils import counters
 
     from cdm_kernels.graphs import find_blocks, is_compiled
@@ -298,7 +303,7 @@ def _compiled_worker(rank: int, world: int, store: str, tmp: str, mode: str) -> 
             counters.clear()
             extra = ["speed.compile_blocks=true", "speed.compile_backend=aot_eager"] if compiled else []
             tr = Trainer(_config(Path(tmp) / f"{mode}{compiled}", f"train.parallel={mode}", "optim.update_ratio=1",
-                                 "train.grad_checkpointing=selective", *extra))
+                                 "train.grad_checkpointing=selective+full:1", *extra))
             losses = []
             for k in range(2):
                 tr.step = k
