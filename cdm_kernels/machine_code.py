@@ -47,8 +47,8 @@ INT8_ATTENTION_KERNEL = "_int8_kernels._int8_attention_fwd_kernel"
 # - the score-difference loss forward on sm_89 with triton 3.9, one variant (fp16, both sigmas Python floats):
 #   since the finalize moved into the kernel (one launch per loss forward), ptxas routes the chunk loop's exit
 #   through a CALL.REL and keeps three of the per-thread accumulators in local memory (48 B stores, 24 B
-#   loads; 70-80 registers, so not register pressure): L1 hits beside five latent loads per element. The
-#   other 35 variants and every sm_80/sm_90 variant are clean.
+#   loads; 70-80 registers, so not register pressure): L1 hits beside five latent loads per element. Its
+#   other five sm_89 variants (dtype x sigma kinds) and every sm_80/sm_90 variant are clean.
 KNOWN_SPILLS = {
     ("lincomb._lincomb_kernel", 80, "3.6"): 8,
     ("lincomb._lincomb_kernel", 80, "3.9"): 8,

@@ -100,11 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out directory that holds one: its files (checkpoint, log, config) "
                         "are moved into --out/replaced-<time>/ first (without it, such a directory is refused)")
-    bar = t.add_mutually_exclusive_group()
-    bar.add_argument("--no-progress", action="store_true",
-                     help="no progress bar: one plain line per train.log_every steps on stdout (the default when "
-                          "stderr is not a terminal, e.g. a cluster job's log file)")
-    bar.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    _progress_args(t, "no progress bar: one plain line per train.log_every steps on stdout")
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often fastest for small models on busy CPUs)")
 
@@ -181,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_args(parser) -> None:
+def _progress_args(parser, without: str = "no progress bars") -> None:
     bar = parser.add_mutually_exclusive_group()
-    bar.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not "
-                     "a terminal, e.g. a cluster job's log file)")
+    bar.add_argument("--no-progress", action="store_true",
+                     help=f"{without} (the default when stderr is not a terminal, e.g. a cluster job's log file)")
     bar.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
 
 
